@@ -1,0 +1,40 @@
+# The two-command quickstart: `make demo` and `make test`. Both begin with `make setup`, which
+# creates .venv/ at the repository root if missing and installs the pinned stack (idempotent:
+# a stamp keyed on the pins makes a second run instant).
+SHELL := /bin/bash
+PYTHON_BOOT ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PINS := requirements/constraints.txt
+TORCH_PIN := $(shell grep -E '^torch==' $(PINS))
+STAMP := $(VENV)/.installed-$(shell cat $(PINS) setup.py | sha1sum | cut -c1-12)
+export OMP_NUM_THREADS ?= 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: setup demo test bench clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): $(PINS) setup.py
+	@command -v $(PYTHON_BOOT) >/dev/null || { echo "need $(PYTHON_BOOT) (Python 3.11) on PATH"; exit 1; }
+	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	# torch first and alone: this takes the CPU wheel on the build machines (the Dockerfile swaps in CUDA)
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c $(PINS) -e ".[test]"
+	$(PY) -c "import torch, megatron.core, deepspeed, webdataset, wids, mlflow, submitit, transformers; print('stack OK: torch', torch.__version__)"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+demo: setup
+	$(PY) tools/demo.py
+
+test: setup
+	$(PY) -m pytest tests
+
+bench: setup
+	$(PY) bench/run_all.py
+
+clean-demo:
+	rm -rf runs/demo_cpu demo_data

@@ -1,0 +1,316 @@
+"""The typed configuration schema: one frozen-in-shape dataclass per component.
+
+Every field has a docstring (the string literal under it), which `--print-config` keeps next to
+the value and the docs render. Checks that need only one section live in that section's
+`__post_init__`; checks that need the world size live in `validate_for_world`.
+Values that come from the data manifest (vocab size, special ids, seq length) use sentinels
+(0 / -1) meaning "take it from `data.train`'s manifest".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+FAMILY_NAMES = ("mdlm", "poly", "arm", "bd3lm", "genmd4", "lomdm")
+
+
+# Constraints on the schedule constants, per family (the registry re-checks them at build time).
+_FAMILY_RULES = {
+    "lomdm": (lambda d: d.c1 > d.c2 >= 0, "diffusion.c1 > diffusion.c2 >= 0"),
+    "poly": (lambda d: d.c1 > 0, "diffusion.c1 > 0"),
+}
+
+
+def _fail(key: str, msg: str) -> None:
+    raise ValueError(f"config: {key}: {msg}")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    dir: str = "runs/default"
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/. Re-running with it resumes."""
+    name: str = ""
+    """Stable run name (MLflow run name, Slurm job name); empty = the run dir's basename."""
+
+    def __post_init__(self) -> None:
+        if not self.dir:
+            _fail("run.dir", "must be a non-empty path")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    num_layers: int = 12
+    """Transformer layers of the backbone."""
+    hidden_size: int = 768
+    """Model width D."""
+    num_heads: int = 12
+    """Attention heads; must divide hidden_size (and be divisible by parallel.tp)."""
+    ffn_hidden_size: int = 0
+    """MLP width; 0 means 4 * hidden_size."""
+    seq_length: int = 0
+    """Sequence length L; 0 means take it from the data manifest."""
+    vocab_size: int = 0
+    """Vocabulary size including [MASK]; 0 means take it from the data manifest."""
+    mask_id: int = -1
+    """Id of the [MASK] token; -1 means take it from the data manifest."""
+    pad_id: int = -1
+    """Id of the pad token (padded layout); -1 means take it from the data manifest."""
+    dropout: float = 0.0
+    """Hidden and attention dropout of the backbone (MDLM uses 0.1)."""
+    init_method_std: float = 0.02
+    """Std of the normal weight init."""
+    head_num_heads: int = 0
+    """Heads of the scheduler heads' transformer block; 0 means model.num_heads."""
+    head_dropout: float = 0.0
+    """Dropout inside the scheduler heads."""
+    recompute: str = "none"
+    """Activation recompute: none, selective or full."""
+
+    def __post_init__(self) -> None:
+        for key in ("num_layers", "hidden_size", "num_heads"):
+            if getattr(self, key) <= 0:
+                _fail(f"model.{key}", f"must be > 0, got {getattr(self, key)}")
+        if self.hidden_size % self.num_heads:
+            _fail("model.num_heads", f"{self.num_heads} does not divide model.hidden_size={self.hidden_size}")
+        if self.ffn_hidden_size < 0 or self.seq_length < 0 or self.vocab_size < 0:
+            _fail("model", "ffn_hidden_size, seq_length and vocab_size must be >= 0 (0 = derived)")
+        if not 0.0 <= self.dropout < 1.0:
+            _fail("model.dropout", f"must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.head_dropout < 1.0:
+            _fail("model.head_dropout", f"must be in [0, 1), got {self.head_dropout}")
+        if self.recompute not in ("none", "selective", "full"):
+            _fail("model.recompute", f"must be none, selective or full, got {self.recompute!r}")
+        if self.head_num_heads and self.hidden_size % self.head_num_heads:
+            _fail("model.head_num_heads", f"{self.head_num_heads} does not divide {self.hidden_size}")
+
+    @property
+    def ffn_size(self) -> int:
+        """The MLP width actually used."""
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+
+@dataclass(kw_only=True)
+class DiffusionConfig:
+    name: str = "lomdm"
+    """OeMDM family member: mdlm, poly, arm, bd3lm, genmd4 or lomdm."""
+    c1: float = 0.7
+    """Mean exponent of the power schedule 1 - t^e (poly, lomdm). (1, 0) reduces LoMDM to MDLM."""
+    c2: float = 0.65
+    """Spread of the learned exponents (lomdm): e in (c1 - c2, c1 + c2). Requires c1 > c2 >= 0."""
+    block_size: int = 16
+    """Block size L' of bd3lm (arm is block size 1)."""
+    eps_t: float = 1e-3
+    """Smallest diffusion time of the antithetic sampler: t in [eps_t, 1]."""
+
+    def __post_init__(self) -> None:
+        if self.name not in FAMILY_NAMES:
+            _fail("diffusion.name", f"{self.name!r} is not one of {', '.join(FAMILY_NAMES)}")
+        rule = _FAMILY_RULES.get(self.name)
+        if rule is not None and not rule[0](self):
+            _fail("diffusion.c1", f"{self.name} needs {rule[1]}, got c1={self.c1}, c2={self.c2}")
+        if self.block_size <= 0:
+            _fail("diffusion.block_size", f"must be > 0, got {self.block_size}")
+        if not 0.0 < self.eps_t < 1.0:
+            _fail("diffusion.eps_t", f"must be in (0, 1), got {self.eps_t}")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    train: str = ""
+    """Folder written by tools/preprocess_data.py (its manifest.json names the shards)."""
+    valid: str = ""
+    """Validation shard folder; empty means the valid split of data.train."""
+    shuffle: bool = True
+    """Shuffle the global sample order each epoch (seeded by train.seed)."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    weight_decay: float = 0.0
+    """AdamW weight decay (MDLM: 0)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.999
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    warmup_steps: int = 2500
+    """Linear LR warmup steps."""
+    schedule: str = "constant"
+    """LR schedule after warmup: constant or cosine."""
+    min_lr_ratio: float = 0.1
+    """Cosine floor as a fraction of train.lr."""
+    head_lr: float = 0.0
+    """LR of the scheduler heads (and GenMD4 exponents); 0 means train.lr."""
+    ema_decay: float = 0.9999
+    """EMA of the weights used for evaluation; 0 disables."""
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("constant", "cosine"):
+            _fail("optim.schedule", f"must be constant or cosine, got {self.schedule!r}")
+        if self.clip_grad < 0:
+            _fail("optim.clip_grad", f"must be >= 0, got {self.clip_grad}")
+        if self.warmup_steps < 0:
+            _fail("optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            _fail("optim.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            _fail("optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps to train for."""
+    seed: int = 1234
+    """Seed of weights, data order and diffusion noise (noise is f(seed, step, sample index))."""
+    micro_batch_size: int = 8
+    """Unique sequences per micro-batch per data-parallel rank."""
+    global_batch_size: int = 512
+    """Unique sequences per optimizer step (= micro batch x DP x gradient-accumulation steps)."""
+    lr: float = 3e-4
+    """Peak learning rate of the backbone."""
+    precision: str = "bf16"
+    """fp32 or bf16 (scheduler math always runs in fp32)."""
+    log_interval: int = 10
+    """Steps between metric lines."""
+    eval_interval: int = 1000
+    """Steps between validation NELBO evaluations; 0 disables."""
+    eval_batches: int = 8
+    """Global batches per validation."""
+    deterministic: bool = False
+    """Deterministic algorithms (bit-exact resume tests)."""
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "micro_batch_size", "global_batch_size", "log_interval"):
+            if getattr(self, key) <= 0:
+                _fail(f"train.{key}", f"must be > 0, got {getattr(self, key)}")
+        if self.global_batch_size % self.micro_batch_size:
+            _fail(
+                "train.global_batch_size",
+                f"{self.global_batch_size} is not a multiple of train.micro_batch_size={self.micro_batch_size}",
+            )
+        if self.lr <= 0:
+            _fail("train.lr", f"must be > 0, got {self.lr}")
+        if self.precision not in ("fp32", "bf16"):
+            _fail("train.precision", f"must be fp32 or bf16, got {self.precision!r}")
+        if self.eval_interval < 0 or self.eval_batches <= 0:
+            _fail("train.eval_interval", "eval_interval must be >= 0 and eval_batches > 0")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size (splits attention heads and the vocabulary)."""
+    pp: int = 1
+    """Pipeline-parallel size (splits layers); scheduler heads live on the last stage."""
+    backend: str = "megatron"
+    """Data-parallel engine: megatron (mcore DDP + distributed optimizer) or deepspeed (ZeRO)."""
+    zero: int = 0
+    """ZeRO stage: megatron supports 0 and 1 (distributed optimizer); deepspeed 0-3."""
+    overlap_grad_reduce: bool = True
+    """Overlap the data-parallel gradient reduce with the backward pass (megatron backend)."""
+    cpu_offload: bool = False
+    """Offload optimizer state to CPU (deepspeed, zero >= 2)."""
+
+    def __post_init__(self) -> None:
+        if self.tp < 1 or self.pp < 1:
+            _fail("parallel.tp", f"tp and pp must be >= 1, got tp={self.tp}, pp={self.pp}")
+        if self.backend not in ("megatron", "deepspeed"):
+            _fail("parallel.backend", f"must be megatron or deepspeed, got {self.backend!r}")
+        if not 0 <= self.zero <= 3:
+            _fail("parallel.zero", f"must be in 0..3, got {self.zero}")
+        if self.backend == "megatron" and self.zero > 1:
+            _fail("parallel.zero", f"the megatron backend supports zero 0 or 1, got {self.zero}; use parallel.backend=deepspeed")
+        if self.backend == "deepspeed" and self.pp > 1 and self.zero > 1:
+            _fail("parallel.pp", f"pipeline parallel with DeepSpeed ZeRO-{self.zero} is not supported (use zero <= 1)")
+        if self.cpu_offload and not (self.backend == "deepspeed" and self.zero >= 2):
+            _fail("parallel.cpu_offload", "needs parallel.backend=deepspeed and parallel.zero >= 2")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    interval: int = 1000
+    """Steps between checkpoints; 0 saves only at the end and on preemption."""
+    keep_last: int = 3
+    """Number of most recent checkpoints kept; older ones are deleted after a save completes."""
+
+    def __post_init__(self) -> None:
+        if self.interval < 0:
+            _fail("checkpoint.interval", f"must be >= 0, got {self.interval}")
+        if self.keep_last < 1:
+            _fail("checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    enabled: bool = True
+    """Log to MLflow (metrics.jsonl is written regardless)."""
+    uri: str = ""
+    """MLflow tracking URI; empty means a sqlite database inside run.dir."""
+    experiment: str = "megatron_lomdm"
+    """MLflow experiment name."""
+    system_metrics: bool = True
+    """Let MLflow sample CPU/GPU utilisation and memory."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Where the run lives."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Backbone and scheduler-head shapes."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """Which OeMDM family member and its schedule constants."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Shard folders."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer, LR schedule, clipping, EMA."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Steps, batch sizes, seed, precision."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """TP x PP x DP layout and the ZeRO engine."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint cadence and retention."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow."""
+
+    def __post_init__(self) -> None:
+        if self.parallel.tp > 1 and self.model.num_heads % self.parallel.tp:
+            _fail("parallel.tp", f"{self.parallel.tp} does not divide model.num_heads={self.model.num_heads}")
+        if self.parallel.pp > 1 and self.model.num_layers % self.parallel.pp:
+            _fail("parallel.pp", f"{self.parallel.pp} does not divide model.num_layers={self.model.num_layers}")
+        if self.diffusion.name == "bd3lm" and self.model.seq_length and self.model.seq_length % self.diffusion.block_size:
+            _fail(
+                "diffusion.block_size",
+                f"{self.diffusion.block_size} does not divide model.seq_length={self.model.seq_length}",
+            )
+
+
+def validate_for_world(cfg: Config, world_size: int) -> int:
+    """Check the layout against the number of processes; returns the data-parallel size.
+
+    Raises:
+        ValueError: naming the field when tp * pp does not divide the world size or the global
+            batch is not a multiple of micro batch x DP.
+    """
+    model_parallel = cfg.parallel.tp * cfg.parallel.pp
+    if world_size % model_parallel:
+        _fail(
+            "parallel.tp",
+            f"parallel.tp * parallel.pp = {cfg.parallel.tp} * {cfg.parallel.pp} = {model_parallel} "
+            f"does not divide the world size {world_size}",
+        )
+    dp = world_size // model_parallel
+    per_step = cfg.train.micro_batch_size * dp
+    if cfg.train.global_batch_size % per_step:
+        _fail(
+            "train.global_batch_size",
+            f"{cfg.train.global_batch_size} is not a multiple of train.micro_batch_size x DP = "
+            f"{cfg.train.micro_batch_size} x {dp} = {per_step}",
+        )
+    return dp
+
