@@ -1,0 +1,43 @@
+"""Left-to-right autoregression as an OeMDM slot schedule (method.md §2, ARM check).
+
+alpha^(i)(t) = clip(L (1 - t) - i + 1, 0, 1): position i is masked only during the slot
+[(L - i)/L, (L - i + 1)/L], while every earlier position is clean and every later one is
+fully masked (with velocity 0, hence zero loss). With a predictor that only sees the clean
+prefix, the NELBO equals the autoregressive NLL exactly. This is BD3LM with block size 1.
+Schedule math runs in fp32 even under bf16 autocast.
+
+Shape legend:
+    B  sequences in the micro-batch
+    L  sequence length
+"""
+
+from __future__ import annotations
+
+from megatron_lomdm.diffusion.bd3lm import SlotFamily
+
+
+class ARMFamily(SlotFamily):
+    """Autoregressive order as a slot schedule with one position per slot (``arm``)."""
+
+    def __init__(self, *, seq_length: int, mask_id: int) -> None:
+        """Build the schedule.
+
+        Args:
+            seq_length: Sequence length L.
+            mask_id: Token id of [MASK].
+        """
+        super().__init__(block_size=1, seq_length=seq_length, mask_id=mask_id)
+
+    @classmethod
+    def from_config(
+        cls,
+        *,
+        c1: float,
+        c2: float,
+        block_size: int,
+        vocab_size: int,
+        seq_length: int,
+        mask_id: int,
+    ) -> ARMFamily:
+        """Build from ``diffusion.*``; no family-specific setting is used."""
+        return cls(seq_length=seq_length, mask_id=mask_id)
