@@ -1,0 +1,118 @@
+"""The diffusion LM of one training step: backbone + scheduler heads + OeMDM family.
+
+`DiffusionLM.forward` runs the whole two-phase step of method.md §3.4 for one micro-batch and
+returns `LossTerms`; the family decides which parts run (no family names here):
+
+1. phase one (families with `needs_clean_features`, i.e. LoMDM): the backbone on clean x under
+   no_grad gives f(x); the forward head g_phi turns it into per-position logits (grad to phi);
+2. the forward schedule at the sample's time t; K corruptions drawn from counter-based uniforms
+   (a function of seed, step and the sample's index in the global batch only);
+3. phase two: one batched backbone pass over the K*B corruptions -> vocab-parallel logits and
+   hidden states; SUBS log p of the true token; the reverse velocity from the reverse head on
+   detached hidden states (LoMDM), from the denoiser mixture (GenMD4) or the forward schedule;
+4. the NELBO terms and the RLOO surrogate (`losses.objective`).
+
+Legend: B sequences, K corruptions, L positions, V vocabulary (this TP rank's slice), D hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from megatron_lomdm.diffusion.base import DiffusionFamily
+from megatron_lomdm.diffusion.noise import mask_uniforms, time_uniforms
+from megatron_lomdm.diffusion.time_sampling import low_discrepancy_t
+from megatron_lomdm.losses.objective import LossTerms, compute_loss_terms
+from megatron_lomdm.models.vocab_parallel import (
+    expected_token_rate_vocab_parallel,
+    subs_logp_true_vocab_parallel,
+)
+
+
+class DiffusionLM(nn.Module):
+    """Backbone, scheduler heads and family, wired for one micro-batch of the training step.
+
+    Args:
+        backbone: `models.backbone.Backbone`; returns (vocab-parallel logits, hidden).
+        family: the OeMDM family member (owns GenMD4's learnable exponents).
+        fwd_head / rev_head: scheduler heads g_phi / g_psi, or None when the family needs none.
+        mask_id: id of [MASK].
+        seed: `train.seed`; with the step and the sample index it fixes all diffusion noise.
+        global_batch_size: unique sequences per step (the antithetic t grid spans them all).
+        eps_t: smallest time of the antithetic sampler.
+    """
+
+    def __init__(self, backbone: nn.Module, family: DiffusionFamily, fwd_head: nn.Module | None,
+                 rev_head: nn.Module | None, *, mask_id: int, seed: int, global_batch_size: int,
+                 eps_t: float) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.family = family
+        self.fwd_head = fwd_head
+        self.rev_head = rev_head
+        self.mask_id = mask_id
+        self.seed = seed
+        self.global_batch_size = global_batch_size
+        self.eps_t = eps_t
+        self.config = backbone.config  # megatron-core schedules read the TransformerConfig here
+        self.model_type = backbone.model_type
+
+    def set_input_tensor(self, input_tensor: Tensor | list[Tensor] | None) -> None:
+        """Pipeline hook: the activation received from the previous stage goes to the backbone."""
+        self.backbone.set_input_tensor(input_tensor)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Parameters replicated over TP and averaged over DP only: heads and family exponents."""
+        heads = [m for m in (self.fwd_head, self.rev_head) if m is not None]
+        return [p for m in heads for p in m.parameters()] + list(self.family.parameters())
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return list(self.backbone.parameters())
+
+    def draw_time(self, index_B: Tensor, step: int) -> Tensor:
+        """The antithetic time of each sequence, from its index in the global batch."""
+        u_B = time_uniforms(seed=self.seed, step=step, index_B=index_B)
+        return low_discrepancy_t(u_B, index_B, self.global_batch_size, eps=self.eps_t)
+
+    def forward(self, tokens_BL: Tensor, valid_BL: Tensor, index_B: Tensor, step: int) -> LossTerms:
+        family = self.family
+        B, L = tokens_BL.shape
+        K = family.num_corruptions
+        t_B = self.draw_time(index_B, step)
+
+        fwd_logits_BL = None
+        if family.needs_clean_features:
+            with torch.no_grad():  # stop-grad: f(x) features of the clean sequence (method.md §3.1)
+                _, hidden_x_BLD = self.backbone(tokens_BL, valid_BL, compute_logits=False)
+            fwd_logits_BL = self.fwd_head(hidden_x_BLD, valid_BL)
+        sched = family.forward_schedule(x_BL=tokens_BL, t_B=t_B, fwd_logits_BL=fwd_logits_BL, valid_BL=valid_BL)
+
+        u_KBL = mask_uniforms(seed=self.seed, step=step, index_B=index_B, num_corruptions=K, seq_length=L)
+        mask_KBL = family.sample_masks(sched, u_KBL) & valid_BL  # pads are never masked
+        z_KBL = torch.where(mask_KBL, self.mask_id, tokens_BL.expand(K, B, L))
+
+        z_NL = z_KBL.reshape(K * B, L)
+        valid_NL = valid_BL.repeat(K, 1)
+        logits_NLV, hidden_NLD = self.backbone(z_NL, valid_NL)
+        x_NL = tokens_BL.repeat(K, 1)
+        logp_true_KBL = subs_logp_true_vocab_parallel(
+            logits_NLV, z_NL, x_NL, self.mask_id, vocab_size=self.backbone.true_vocab_size
+        ).view(K, B, L)
+
+        rev_logits_KBL = None
+        if family.needs_reverse_head:
+            # stop-grad: the reverse scheduler reads f(z_t) features; psi learns, theta does not
+            rev_logits_KBL = self.rev_head(hidden_NLD.detach(), valid_NL).view(K, B, L)
+        rate_KBL = None
+        if family.needs_expected_rate:
+            rate_NL = expected_token_rate_vocab_parallel(logits_NLV, family.token_exponents(), self.mask_id)
+            rate_KBL = rate_NL.view(K, B, L)
+        velocity_hat_KBL = family.reverse_velocity(
+            t_KB=t_B.expand(K, B), rev_logits_KBL=rev_logits_KBL, expected_rate_KBL=rate_KBL, valid_BL=valid_BL
+        )
+        log_q_KB = family.log_q(sched, mask_KBL, valid_BL)
+        return compute_loss_terms(
+            family, sched=sched, mask_KBL=mask_KBL, logp_true_KBL=logp_true_KBL,
+            velocity_hat_KBL=velocity_hat_KBL, log_q_KB=log_q_KB, valid_BL=valid_BL,
+        )

@@ -1,0 +1,100 @@
+"""Scheduler networks g_phi (forward) and g_psi (reverse) of LoMDM (method.md section 3.1).
+
+Shape legend: B batch, L sequence, D hidden, H heads, Q head dim.
+
+One pre-LN bidirectional transformer block followed by LayerNorm -> Linear(D, D) -> GELU ->
+Linear(D, 1); the last Linear is zero-initialised, so training starts at the polynomial schedule
+(every logit 0). Input: backbone features f(.) [B, L, D] (the caller detaches them: stop-grad).
+Output: one logit per position [B, L] in fp32.
+
+Plain torch, not tensor-parallel: the heads are replicated on every TP rank and must stay
+bit-identical there (``megatron_lomdm.distributed.init.broadcast_head_params`` /
+``assert_replicated``); their gradients are averaged over data-parallel ranks only. Dropout uses
+the default torch RNG, which ``init_distributed`` seeds identically on all ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide hidden_size={hidden_size}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+        self.dropout = dropout
+
+    def forward(self, x_BLD: torch.Tensor, keep_B11L: torch.Tensor | None) -> torch.Tensor:
+        B, L, D = x_BLD.shape
+        qkv = self.qkv(x_BLD).view(B, L, 3, self.num_heads, D // self.num_heads)
+        q_BHLQ, k_BHLQ, v_BHLQ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out_BHLQ = F.scaled_dot_product_attention(
+            q_BHLQ, k_BHLQ, v_BHLQ, attn_mask=keep_B11L, is_causal=False,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.proj(out_BHLQ.transpose(1, 2).reshape(B, L, D))
+
+
+class SchedulerHead(nn.Module):
+    """g(f): features [B, L, D] -> per-position scheduler logits [B, L] (fp32).
+
+    Args:
+        hidden_size: D, the backbone's hidden size.
+        num_heads: attention heads of the block.
+        dropout: dropout on attention probabilities and on both residual branches.
+        mlp_ratio: the block's MLP width as a multiple of D.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float = 0.0,
+                 mlp_ratio: int = 4) -> None:
+        super().__init__()
+        self.norm_attn = nn.LayerNorm(hidden_size)
+        self.attn = _SelfAttention(hidden_size, num_heads, dropout)
+        self.norm_mlp = nn.LayerNorm(hidden_size)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, mlp_ratio * hidden_size),
+            nn.GELU(),
+            nn.Linear(mlp_ratio * hidden_size, hidden_size),
+        )
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Sequential(
+            nn.LayerNorm(hidden_size),
+            nn.Linear(hidden_size, hidden_size),
+            nn.GELU(),
+            nn.Linear(hidden_size, 1),
+        )
+        self.reset_output_layer()
+
+    @torch.no_grad()
+    def reset_output_layer(self) -> None:
+        """Zero the last Linear, so every logit is exactly 0 (the polynomial schedule)."""
+        self.out[-1].weight.zero_()
+        self.out[-1].bias.zero_()
+
+    def forward(
+        self, features_BLD: torch.Tensor, valid_BL: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Scheduler logits.
+
+        Args:
+            features_BLD: backbone features [B, L, D] (already detached by the caller).
+            valid_BL: bool [B, L], False at padding; pads are excluded as attention keys.
+
+        Returns:
+            logits [B, L] in fp32 (values at pad positions are meaningless).
+        """
+        x_BLD = features_BLD.to(self.norm_attn.weight.dtype)
+        keep_B11L = None
+        if valid_BL is not None:
+            valid_BL = valid_BL.bool()
+            valid_BL = valid_BL | ~valid_BL.any(dim=1, keepdim=True)  # no empty softmax rows
+            keep_B11L = valid_BL[:, None, None, :]
+        x_BLD = x_BLD + self.drop(self.attn(self.norm_attn(x_BLD), keep_B11L))
+        x_BLD = x_BLD + self.drop(self.mlp(self.norm_mlp(x_BLD)))
+        return self.out(x_BLD).squeeze(-1).float()
