@@ -1,0 +1,248 @@
+"""Build everything a run needs from its config: distributed state, data, model, optimizer,
+checkpoints, tracking. `Run` holds it and offers the few verbs the loop uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_lomdm.checkpoint.manager import CheckpointManager
+from megatron_lomdm.config import Config, save_config, validate_for_world
+from megatron_lomdm.config.load import config_to_dict, replace
+from megatron_lomdm.data.loader import ShardLoader
+from megatron_lomdm.data.shards import Manifest, check_tokenizer_compat, read_manifest
+from megatron_lomdm.diffusion.registry import build_family
+from megatron_lomdm.distributed.init import ParallelInfo, init_distributed
+from megatron_lomdm.models.backbone import build_backbone
+from megatron_lomdm.models.diffusion_lm import DiffusionLM
+from megatron_lomdm.models.scheduler_head import SchedulerHead
+from megatron_lomdm.tracking.base import MetricsFile, Tracker
+from megatron_lomdm.tracking.mlflow_tracker import build_tracker
+from megatron_lomdm.training.optim import EMA, build_optimizer
+from megatron_lomdm.training.preemption import PreemptionFlag
+from megatron_lomdm.training.step import forward_backward, reduce_reports
+from megatron_lomdm.utils.flops import Shape, peak_flops_of_device, step_flops
+from megatron_lomdm.utils.logging import get_logger
+
+log = get_logger(__name__)
+MAX_BAD_STEPS = 5
+
+
+@dataclass
+class TrainState:
+    """What the loop counts; saved in every checkpoint."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    bad_steps: int = 0
+    skipped_steps: int = 0
+
+
+def resolve_data_fields(cfg: Config, manifest: Manifest) -> Config:
+    """Fill model.vocab_size / mask_id / pad_id / seq_length from the manifest; a conflict is an error."""
+    tok = manifest.tokenizer
+    from_data = {"vocab_size": int(tok["model_vocab_size"]), "mask_id": int(tok["mask_id"]),
+                 "pad_id": int(tok["pad_id"]), "seq_length": manifest.seq_length}
+    unset = {"vocab_size": 0, "mask_id": -1, "pad_id": -1, "seq_length": 0}
+    model = {}
+    for key, value in from_data.items():
+        current = getattr(cfg.model, key)
+        if current == unset[key]:
+            model[key] = value
+    cfg = replace(cfg, model=model)
+    try:
+        check_tokenizer_compat(manifest, vocab_size=cfg.model.vocab_size, mask_id=cfg.model.mask_id,
+                               pad_id=cfg.model.pad_id, seq_length=cfg.model.seq_length)
+    except ValueError as err:
+        raise ValueError(f"config model.* vs data.train: {err}") from err
+    return cfg
+
+
+def _install_cpu_backend_if_needed() -> Any:
+    if torch.cuda.is_available():
+        return None
+    from megatron_lomdm.distributed.cpu_compat import install_cpu_shims
+
+    return install_cpu_shims
+
+
+def build_model(cfg: Config, info: ParallelInfo) -> DiffusionLM:
+    """Backbone (this rank's TP/PP slice), scheduler heads and family, on this rank's device."""
+    m, d = cfg.model, cfg.diffusion
+    family = build_family(d.name, c1=d.c1, c2=d.c2, block_size=d.block_size, vocab_size=m.vocab_size,
+                          seq_length=m.seq_length, mask_id=m.mask_id)
+    bf16 = cfg.train.precision == "bf16"
+    backbone = build_backbone(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, num_heads=m.num_heads, ffn_hidden_size=m.ffn_size,
+        vocab_size=m.vocab_size, seq_length=m.seq_length, mask_id=m.mask_id, dropout=m.dropout,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
+        recompute=None if m.recompute == "none" else m.recompute, use_cpu_initialization=True,
+        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
+        init_method_std=m.init_method_std,
+    )
+    # Heads are built with the default RNG, which init_distributed seeds identically on every rank,
+    # so they start bit-identical across TP ranks (and DP ranks).
+    heads = (SchedulerHead(m.hidden_size, m.head_num_heads or m.num_heads, m.head_dropout),
+             SchedulerHead(m.hidden_size, m.head_num_heads or m.num_heads, m.head_dropout))
+    fwd_head = heads[0] if family.needs_clean_features else None
+    rev_head = heads[1] if family.needs_reverse_head else None
+    model = DiffusionLM(backbone, family, fwd_head, rev_head, mask_id=m.mask_id, seed=cfg.train.seed,
+                        global_batch_size=cfg.train.global_batch_size, eps_t=d.eps_t)
+    return model.to(info.device)
+
+
+@dataclass
+class Run:
+    """Everything the loop touches."""
+
+    cfg: Config
+    info: ParallelInfo
+    model: DiffusionLM
+    optimizer: torch.optim.Optimizer
+    ema: EMA
+    loader: ShardLoader
+    valid_path: Path
+    valid_split: str
+    ckpt: CheckpointManager
+    tracker: Tracker
+    metrics_file: MetricsFile | None
+    preemption: PreemptionFlag
+    state: TrainState = field(default_factory=TrainState)
+    max_bad_steps: int = MAX_BAD_STEPS
+
+    def __post_init__(self) -> None:
+        self.device = self.info.device
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.train_iter = iter(self.loader)
+        self.num_microbatches = self.loader.num_micro_batches
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.pp_group = parallel_state.get_pipeline_model_parallel_group()
+        m, fam = self.cfg.model, self.model.family
+        shape = Shape(m.num_layers, m.hidden_size, m.ffn_size, m.vocab_size, m.seq_length)
+        self.flops_per_step = step_flops(shape, unique_sequences=self.cfg.train.global_batch_size,
+                                         num_corruptions=fam.num_corruptions, clean_pass=fam.needs_clean_features,
+                                         heads=fam.needs_clean_features) / self.info.world_size
+        self.peak_flops = peak_flops_of_device(torch.cuda.get_device_name()) if self.device.type == "cuda" else 0.0
+
+    # ---- logging --------------------------------------------------------------------------------
+    def log_metrics(self, metrics: dict[str, Any], kind: str = "train") -> None:
+        step = self.state.step
+        if self.metrics_file is not None:
+            self.metrics_file.write({"step": step, "kind": kind, **{k: v for k, v in metrics.items() if k != "step"}})
+        prefix = "" if kind == "train" else f"{kind}/"
+        self.tracker.log_metrics({f"{prefix}{k}": v for k, v in metrics.items() if k != "step"}, step)
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "nelbo", "velocity", "grad_norm", "tokens_per_s"))
+        log.info("%s step %d: %s", kind, step, shown)
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation NELBO (velocity term included) with EMA weights, fixed batches and noise."""
+        cfg = self.cfg
+        loader = ShardLoader(self.valid_path, split=self.valid_split, micro_batch_size=cfg.train.micro_batch_size,
+                             global_batch_size=cfg.train.global_batch_size, dp_rank=self.info.dp_rank,
+                             dp_size=self.info.dp, seed=cfg.train.seed, shuffle=False, drop_last=False, num_epochs=1)
+        batches = min(cfg.train.eval_batches, loader.batches_per_epoch)
+        it = iter(loader)
+        self.model.eval()
+        self.ema.swap()
+        try:
+            reports = []
+            for b in range(batches):
+                # eval noise lives on negative "steps" so it never coincides with a training step
+                reports += forward_backward(self.model, it, step=-1 - b, num_microbatches=self.num_microbatches,
+                                            seq_length=cfg.model.seq_length, micro_batch_size=cfg.train.micro_batch_size,
+                                            device=self.device, forward_only=True)
+        finally:
+            self.ema.swap()
+            self.model.train()
+        out = reduce_reports(reports, self.device)
+        nelbo = out.values["nelbo"]
+        return {"nelbo": nelbo, "ppl": float(torch.tensor(nelbo).exp()), "main": out.values["main"],
+                "velocity": out.values["velocity"], "num_tokens": out.num_tokens}
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict(),
+            "train_state": dataclasses.asdict(self.state),
+            "loader": self.loader.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.model.load_state_dict(sd["model"])
+        self.optimizer.load_state_dict(sd["optimizer"])
+        self.ema.load_state_dict(sd["ema"])
+        self.state = TrainState(**sd["train_state"])
+        self.loader.load_state_dict(sd["loader"])
+        self.train_iter = iter(self.loader)
+        torch.set_rng_state(sd["rng"]["torch"])
+        random.setstate(sd["rng"]["python"])
+        if sd["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(sd["rng"]["cuda"])
+
+    def save_checkpoint(self) -> None:
+        self.ckpt.save(self.state.step, self.state_dict())
+
+    def close(self) -> None:
+        self.tracker.close()
+        if self.metrics_file is not None:
+            self.metrics_file.close()
+
+
+def build_run(cfg: Config) -> Run:
+    """Initialise distributed state and build every part of the run; resumes from `latest`."""
+    cpu_hook = _install_cpu_backend_if_needed()
+    manifest = read_manifest(cfg.data.train)  # before any process group: bad data fails fast
+    cfg = resolve_data_fields(cfg, manifest)
+    info = init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.train.seed, before_rng_seed=cpu_hook)
+    validate_for_world(cfg, info.world_size)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    run_dir = Path(cfg.run.dir)
+    is_rank0 = info.rank == 0
+    if is_rank0:
+        save_config(cfg, run_dir / "config.yaml")
+    model = build_model(cfg, info)
+    optimizer = build_optimizer(model.backbone_parameters(), model.head_parameters(), optim=cfg.optim, train=cfg.train)
+    ema = EMA([p for p in model.parameters()], cfg.optim.ema_decay)
+    loader = ShardLoader(cfg.data.train, micro_batch_size=cfg.train.micro_batch_size,
+                         global_batch_size=cfg.train.global_batch_size, dp_rank=info.dp_rank, dp_size=info.dp,
+                         seed=cfg.train.seed, split="train", shuffle=cfg.data.shuffle)
+    valid_path = Path(cfg.data.valid or cfg.data.train)
+    valid_split = "valid" if "valid" in read_manifest(valid_path)["splits"] else "train"
+    ckpt = CheckpointManager(run_dir / "checkpoints", tp_rank=info.tp_rank, pp_rank=info.pp_rank, dp_rank=info.dp_rank,
+                             tp=info.tp, pp=info.pp, is_rank0=is_rank0, keep_last=cfg.checkpoint.keep_last)
+    latest = ckpt.latest_step()
+    d = cfg.diffusion
+    tags = {"family": d.name, "c1": str(d.c1), "c2": str(d.c2), "layers": str(cfg.model.num_layers),
+            "hidden": str(cfg.model.hidden_size), "layout": f"tp{info.tp}_pp{info.pp}_dp{info.dp}",
+            "data": manifest.fingerprint("train")[:16]}
+    tracker = build_tracker(enabled=cfg.tracking.enabled, is_rank0=is_rank0, uri=cfg.tracking.uri,
+                            experiment=cfg.tracking.experiment, run_dir=run_dir,
+                            run_name=cfg.run.name or run_dir.name, tags=tags, system_metrics=cfg.tracking.system_metrics)
+    run = Run(cfg=cfg, info=info, model=model, optimizer=optimizer, ema=ema, loader=loader, valid_path=valid_path,
+              valid_split=valid_split, ckpt=ckpt, tracker=tracker, metrics_file=None, preemption=PreemptionFlag())
+    if latest is not None:
+        run.load_state_dict(ckpt.load(latest))
+        log.info("resumed from %s at step %d", ckpt.root / f"step_{latest:07d}", run.state.step)
+    else:
+        tracker.log_params(config_to_dict(cfg))
+        tracker.log_artifact(run_dir / "config.yaml")
+    if is_rank0:
+        run.metrics_file = MetricsFile(run_dir / "metrics.jsonl", resume_step=run.state.step + 1)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %.2fM parameters on this rank (%s), family=%s, micro-batches/step=%d",
+             n_params / 1e6, info.device, d.name, run.num_microbatches)
+    return run

@@ -1,0 +1,79 @@
+"""The training loop: resume -> (step, clip, optimizer, EMA, log, eval, checkpoint, preemption)*.
+
+Everything it touches is built by `training.build`; this file is the loop and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from megatron_lomdm.config import Config
+from megatron_lomdm.training.build import Run, build_run
+from megatron_lomdm.training.optim import clip_grad_norm, lr_multiplier, set_lr
+from megatron_lomdm.training.step import forward_backward, reduce_reports
+from megatron_lomdm.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def train_step(run: Run) -> dict[str, float]:
+    """One optimizer step on the next global batch; returns its metrics (per-token values)."""
+    cfg, state = run.cfg, run.state
+    lr = set_lr(run.optimizer, lr_multiplier(state.step, warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.train.steps,
+                                              schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio))
+    run.optimizer.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    reports = forward_backward(run.model, run.train_iter, step=state.step, num_microbatches=run.num_microbatches,
+                               seq_length=cfg.model.seq_length, micro_batch_size=cfg.train.micro_batch_size,
+                               device=run.device)
+    out = reduce_reports(reports, run.device)
+    grad_norm = clip_grad_norm(run.params, cfg.optim.clip_grad, tp_group=run.tp_group, pp_group=run.pp_group)
+    finite = math.isfinite(grad_norm) and math.isfinite(out.values["surrogate"])
+    if finite:
+        run.optimizer.step()
+        run.ema.update()
+        state.bad_steps = 0
+    else:
+        state.bad_steps += 1
+        state.skipped_steps += 1
+    dt = time.perf_counter() - t0
+    state.step += 1
+    state.consumed_samples += cfg.train.global_batch_size
+    unique_tokens = cfg.train.global_batch_size * cfg.model.seq_length
+    return {"step": state.step, "loss": out.values["surrogate"], **out.values, "lr": lr, "grad_norm": grad_norm,
+            "num_tokens": out.num_tokens, "tokens_per_s": unique_tokens / dt, "step_time_s": dt,
+            "mfu": run.flops_per_step / dt / run.peak_flops if run.peak_flops else 0.0,
+            "skipped_steps": state.skipped_steps}
+
+
+def run_training(cfg: Config) -> bool:
+    """Train `cfg` to `train.steps`, resuming from `run.dir` if it has a checkpoint.
+
+    Returns:
+        True if the run stopped early on a preemption signal (after checkpointing).
+    """
+    run = build_run(cfg)
+    try:
+        while run.state.step < cfg.train.steps:
+            metrics = train_step(run)
+            step = run.state.step
+            if step % cfg.train.log_interval == 0 or step == cfg.train.steps:
+                run.log_metrics(metrics)
+            if run.state.bad_steps >= run.max_bad_steps:
+                run.save_checkpoint()
+                raise ValueError(f"{run.state.bad_steps} consecutive steps with a non-finite loss or gradient "
+                                 f"(last at step {step}); saved the last good state to {run.ckpt.root}")
+            if cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
+                run.log_metrics(run.evaluate(), kind="valid")
+            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
+                run.save_checkpoint()
+            if run.preemption.requested(run.device):
+                run.save_checkpoint()
+                log.warning("preempted at step %d: checkpoint saved, exiting for requeue", step)
+                return True
+        if run.ckpt.latest_step() != run.state.step:
+            run.save_checkpoint()
+        return False
+    finally:
+        run.close()

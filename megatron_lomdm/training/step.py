@@ -1,0 +1,107 @@
+"""One optimizer step's forward/backward through megatron-core's schedules.
+
+`forward_step(step, data_iterator, model) -> (output, partial(loss_func, terms))` is the
+megatron-core contract, so the same code runs under `get_forward_backward_func()` for any
+pipeline layout. Losses are token sums (`config.calculate_per_token_loss=True`); after the
+backward, `finalize_grads` divides every gradient by the number of valid tokens of the whole
+global batch (all micro-batches, all data-parallel ranks), which makes gradient accumulation and
+data parallelism exact reformulations of one big batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_lomdm.losses.objective import LossTerms
+from megatron_lomdm.models.diffusion_lm import DiffusionLM
+
+REPORT_KEYS = ("nelbo", "main", "velocity", "rloo", "surrogate")
+
+
+def loss_func(terms: LossTerms, output_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """megatron-core loss contract: (loss sum to backprop, token count, report of detached sums)."""
+    report = {key: getattr(terms, key).detach().float().clone() for key in REPORT_KEYS}
+    num_tokens = torch.as_tensor(terms.num_tokens, dtype=torch.int).reshape(())
+    report["num_tokens"] = num_tokens.float()
+    return output_tensor, num_tokens, report
+
+
+def forward_step(step: int, device: torch.device, data_iterator: Iterator[dict], model: DiffusionLM):
+    """Forward one micro-batch; returns the surrogate sum and the loss function to close it."""
+    batch = next(data_iterator)
+    tokens_BL = batch["tokens"].to(device, non_blocking=True)
+    valid_BL = batch["valid"].to(device, non_blocking=True)
+    index_B = batch["sample_index"].to(device, non_blocking=True)
+    terms = model(tokens_BL, valid_BL, index_B, step)
+    return terms.surrogate, partial(loss_func, terms)
+
+
+def finalize_grads(model: DiffusionLM, num_tokens: torch.Tensor) -> None:
+    """All-reduce grads and the token count over data-parallel ranks, then divide by the count.
+
+    Heads are replicated over TP and see identical inputs there, so their gradients already agree
+    across TP ranks; they are averaged over data-parallel ranks only, like the backbone shards.
+    """
+    dp_group = parallel_state.get_data_parallel_group()
+    total = num_tokens.to(torch.float64).clone()
+    dp = dist.get_world_size(dp_group) if dist.is_initialized() else 1
+    if dp > 1:
+        dist.all_reduce(total, group=dp_group)
+    scale = 1.0 / max(total.item(), 1.0)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        if dp > 1:
+            dist.all_reduce(p.grad, group=dp_group)
+        p.grad.mul_(scale)
+
+
+@dataclass
+class StepReport:
+    """Per-token values of one optimizer step, reduced over micro-batches and DP ranks."""
+
+    values: dict[str, float]
+    num_tokens: int
+
+
+def reduce_reports(reports: list[dict], device: torch.device) -> StepReport:
+    """Sum the micro-batch reports, all-reduce over DP, and divide by the global token count."""
+    keys = (*REPORT_KEYS, "num_tokens")
+    sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
+    for r in reports:
+        sums += torch.stack([r[k].to(device, torch.float64) for k in keys])
+    if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
+        dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+    ntok = max(sums[-1].item(), 1.0)
+    values = {k: sums[i].item() / ntok for i, k in enumerate(REPORT_KEYS)}
+    return StepReport(values=values, num_tokens=int(sums[-1].item()))
+
+
+def forward_backward(model: DiffusionLM, data_iterator: Iterator[dict], *, step: int, num_microbatches: int,
+                     seq_length: int, micro_batch_size: int, device: torch.device,
+                     forward_only: bool = False) -> list[dict[str, Any]]:
+    """Run the megatron-core schedule over `num_microbatches` micro-batches; returns their reports.
+
+    Under PP only the last stage gets reports (an empty list elsewhere).
+    """
+    config = model.config
+    config.calculate_per_token_loss = True
+    config.finalize_model_grads_func = lambda models, num_tokens, **_: finalize_grads(models[0], num_tokens)
+    fb = get_forward_backward_func()
+    return fb(
+        forward_step_func=partial(forward_step, step, device),
+        data_iterator=data_iterator,
+        model=[model],
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
