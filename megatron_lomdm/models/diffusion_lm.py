@@ -10,7 +10,7 @@ returns `LossTerms`; the family decides which parts run (no family names here):
 3. phase two: one batched backbone pass over the K*B corruptions -> vocab-parallel logits and
    hidden states; SUBS log p of the true token; the reverse velocity from the reverse head on
    detached hidden states (LoMDM), from the denoiser mixture (GenMD4) or the forward schedule;
-4. the NELBO terms and the RLOO surrogate (`losses.objective`).
+4. the NELBO terms and the RLOO surrogate (`losses.objective`), plus order diagnostics.
 
 Legend: B sequences, K corruptions, L positions, V vocabulary (this TP rank's slice), D hidden.
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from megatron_lomdm.diffusion.base import DiffusionFamily
+from megatron_lomdm.diffusion.base import DiffusionFamily, ForwardSchedule
 from megatron_lomdm.diffusion.noise import mask_uniforms, time_uniforms
 from megatron_lomdm.diffusion.time_sampling import low_discrepancy_t
 from megatron_lomdm.losses.objective import LossTerms, compute_loss_terms
@@ -75,7 +75,7 @@ class DiffusionLM(nn.Module):
         u_B = time_uniforms(seed=self.seed, step=step, index_B=index_B)
         return low_discrepancy_t(u_B, index_B, self.global_batch_size, eps=self.eps_t)
 
-    def forward(self, tokens_BL: Tensor, valid_BL: Tensor, index_B: Tensor, step: int) -> LossTerms:
+    def forward(self, tokens_BL: Tensor, valid_BL: Tensor, index_B: Tensor, step: int) -> tuple[LossTerms, dict[str, Tensor]]:
         family = self.family
         B, L = tokens_BL.shape
         K = family.num_corruptions
@@ -112,7 +112,30 @@ class DiffusionLM(nn.Module):
             t_KB=t_B.expand(K, B), rev_logits_KBL=rev_logits_KBL, expected_rate_KBL=rate_KBL, valid_BL=valid_BL
         )
         log_q_KB = family.log_q(sched, mask_KBL, valid_BL)
-        return compute_loss_terms(
+        terms = compute_loss_terms(
             family, sched=sched, mask_KBL=mask_KBL, logp_true_KBL=logp_true_KBL,
             velocity_hat_KBL=velocity_hat_KBL, log_q_KB=log_q_KB, valid_BL=valid_BL,
         )
+        return terms, order_diagnostics(sched, mask_KBL, logp_true_KBL, valid_BL)
+
+
+@torch.no_grad()
+def order_diagnostics(sched: ForwardSchedule, mask_KBL: Tensor, logp_true_KBL: Tensor, valid_BL: Tensor) -> dict[str, Tensor]:
+    """Sums from which the loop derives the learned-order statistics of method.md §4.3.
+
+    The scaled forward velocity a = A·t (the exponent e for power schedules) is summarised over
+    valid positions (mean, std), and correlated (Pearson) with the backbone's confidence in the
+    true token, p = <x_theta, x>, over masked positions: the "Figure 4" curriculum signal. Sums are
+    returned so micro-batches and data-parallel ranks combine exactly.
+    """
+    a_BL = (sched.velocity_BL * sched.t_B[:, None]).detach().double()
+    v_BL = valid_BL.double()
+    m_KBL = mask_KBL.double()
+    a_KBL = a_BL.expand_as(m_KBL)
+    c_KBL = logp_true_KBL.detach().double().exp()
+    return {
+        "exp_n": v_BL.sum(), "exp_sum": (a_BL * v_BL).sum(), "exp_sq": (a_BL.square() * v_BL).sum(),
+        "corr_n": m_KBL.sum(), "corr_a": (a_KBL * m_KBL).sum(), "corr_c": (c_KBL * m_KBL).sum(),
+        "corr_aa": (a_KBL.square() * m_KBL).sum(), "corr_cc": (c_KBL.square() * m_KBL).sum(),
+        "corr_ac": (a_KBL * c_KBL * m_KBL).sum(),
+    }

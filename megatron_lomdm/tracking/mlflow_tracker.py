@@ -6,6 +6,7 @@ into the same MLflow run. Default URI: a sqlite database inside the run director
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ class MLflowTracker:
 
     def __init__(self, *, uri: str, experiment: str, run_dir: str | Path, run_name: str,
                  tags: dict[str, str], system_metrics: bool = False) -> None:
+        # A dead server must cost seconds, not MLflow's default minutes of retries per call.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
         import mlflow  # only rank 0 with tracking enabled pays this import
 
         self._mlflow = mlflow
@@ -33,6 +37,9 @@ class MLflowTracker:
         self.uri = uri
         id_file = Path(run_dir) / "mlflow_run_id"
         mlflow.set_tracking_uri(uri)
+        if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(experiment) is None:
+            # a local store keeps its artifacts next to it, not in the current directory
+            mlflow.create_experiment(experiment, artifact_location=(Path(run_dir).resolve() / "mlartifacts").as_uri())
         mlflow.set_experiment(experiment)
         run_id = id_file.read_text().strip() if id_file.exists() else None
         self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags,

@@ -216,7 +216,7 @@ def build_run(cfg: Config) -> Run:
         save_config(cfg, run_dir / "config.yaml")
     model = build_model(cfg, info)
     optimizer = build_optimizer(model.backbone_parameters(), model.head_parameters(), optim=cfg.optim, train=cfg.train)
-    ema = EMA([p for p in model.parameters()], cfg.optim.ema_decay)
+    ema = EMA(list(model.named_parameters()), cfg.optim.ema_decay)
     loader = ShardLoader(cfg.data.train, micro_batch_size=cfg.train.micro_batch_size,
                          global_batch_size=cfg.train.global_batch_size, dp_rank=info.dp_rank, dp_size=info.dp,
                          seed=cfg.train.seed, split="train", shuffle=cfg.data.shuffle)

@@ -6,7 +6,10 @@ Everything it touches is built by `training.build`; this file is the loop and no
 from __future__ import annotations
 
 import math
+import resource
 import time
+
+import torch
 
 from megatron_lomdm.config import Config
 from megatron_lomdm.training.build import Run, build_run
@@ -15,6 +18,13 @@ from megatron_lomdm.training.step import forward_backward, reduce_reports
 from megatron_lomdm.utils.logging import get_logger
 
 log = get_logger(__name__)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory of this process (GiB), or the peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
 def train_step(run: Run) -> dict[str, float]:
@@ -44,7 +54,7 @@ def train_step(run: Run) -> dict[str, float]:
     return {"step": state.step, "loss": out.values["surrogate"], **out.values, "lr": lr, "grad_norm": grad_norm,
             "num_tokens": out.num_tokens, "tokens_per_s": unique_tokens / dt, "step_time_s": dt,
             "mfu": run.flops_per_step / dt / run.peak_flops if run.peak_flops else 0.0,
-            "skipped_steps": state.skipped_steps}
+            "skipped_steps": state.skipped_steps, "memory_gb": peak_memory_gb(run.device)}
 
 
 def run_training(cfg: Config) -> bool:

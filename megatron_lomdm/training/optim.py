@@ -79,31 +79,36 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, *, tp_group: dis
 
 
 class EMA:
-    """Exponential moving average of parameters (each rank keeps the shards it owns), in fp32."""
+    """Exponential moving average of named parameters (each rank keeps the shards it owns), in fp32.
 
-    def __init__(self, params: list[nn.Parameter], decay: float) -> None:
+    The state dict maps parameter names (as in `model.named_parameters()`) to fp32 tensors, so
+    exporters can read EMA weights by name.
+    """
+
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], decay: float) -> None:
         self.decay = decay
-        self.params = params
-        self.shadow = [p.detach().float().clone() for p in params]
+        self.params = dict(named_params)
+        self.shadow = {name: p.detach().float().clone() for name, p in named_params}
 
     @torch.no_grad()
     def update(self) -> None:
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach().float(), 1.0 - self.decay)
+        for name, p in self.params.items():
+            self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
 
     @torch.no_grad()
     def swap(self) -> None:
         """Exchange live weights and EMA weights (call twice to restore)."""
-        for s, p in zip(self.shadow, self.params):
-            tmp = p.detach().clone()
-            p.copy_(s.to(p.dtype))
-            s.copy_(tmp.float())
+        for name, p in self.params.items():
+            live = p.detach().clone()
+            p.copy_(self.shadow[name].to(p.dtype))
+            self.shadow[name].copy_(live.float())
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": [s.clone() for s in self.shadow]}
+        return {"decay": self.decay, "shadow": {k: v.clone() for k, v in self.shadow.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        if len(state["shadow"]) != len(self.shadow):
-            raise ValueError(f"EMA state has {len(state['shadow'])} tensors, the model {len(self.shadow)}")
-        for s, saved in zip(self.shadow, state["shadow"]):
-            s.copy_(saved)
+        missing = set(self.shadow) ^ set(state["shadow"])
+        if missing:
+            raise ValueError(f"EMA state does not match the model; differing names: {sorted(missing)[:5]}")
+        for name, saved in state["shadow"].items():
+            self.shadow[name].copy_(saved)

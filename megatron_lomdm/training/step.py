@@ -26,11 +26,12 @@ from megatron_lomdm.models.diffusion_lm import DiffusionLM
 REPORT_KEYS = ("nelbo", "main", "velocity", "rloo", "surrogate")
 
 
-def loss_func(terms: LossTerms, output_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def loss_func(terms: LossTerms, diag: dict[str, torch.Tensor], output_tensor: torch.Tensor):
     """megatron-core loss contract: (loss sum to backprop, token count, report of detached sums)."""
-    report = {key: getattr(terms, key).detach().float().clone() for key in REPORT_KEYS}
+    report = {key: getattr(terms, key).detach().double().clone() for key in REPORT_KEYS}
     num_tokens = torch.as_tensor(terms.num_tokens, dtype=torch.int).reshape(())
-    report["num_tokens"] = num_tokens.float()
+    report["num_tokens"] = num_tokens.double()
+    report.update(diag)
     return output_tensor, num_tokens, report
 
 
@@ -40,8 +41,8 @@ def forward_step(step: int, device: torch.device, data_iterator: Iterator[dict],
     tokens_BL = batch["tokens"].to(device, non_blocking=True)
     valid_BL = batch["valid"].to(device, non_blocking=True)
     index_B = batch["sample_index"].to(device, non_blocking=True)
-    terms = model(tokens_BL, valid_BL, index_B, step)
-    return terms.surrogate, partial(loss_func, terms)
+    terms, diag = model(tokens_BL, valid_BL, index_B, step)
+    return terms.surrogate, partial(loss_func, terms, diag)
 
 
 def finalize_grads(model: DiffusionLM, num_tokens: torch.Tensor) -> None:
@@ -72,17 +73,33 @@ class StepReport:
     num_tokens: int
 
 
+def _order_stats(sums: dict[str, float]) -> dict[str, float]:
+    """Mean/std of the scaled forward velocity and its Pearson correlation with confidence."""
+    n = max(sums["exp_n"], 1.0)
+    mean = sums["exp_sum"] / n
+    std = max(sums["exp_sq"] / n - mean * mean, 0.0) ** 0.5
+    m = max(sums["corr_n"], 1.0)
+    cov = sums["corr_ac"] / m - sums["corr_a"] / m * sums["corr_c"] / m
+    var_a = sums["corr_aa"] / m - (sums["corr_a"] / m) ** 2
+    var_c = sums["corr_cc"] / m - (sums["corr_c"] / m) ** 2
+    corr = cov / (var_a * var_c) ** 0.5 if var_a > 1e-12 and var_c > 1e-12 else 0.0
+    return {"exponent_mean": mean, "exponent_std": std, "velocity_confidence_corr": corr}
+
+
 def reduce_reports(reports: list[dict], device: torch.device) -> StepReport:
-    """Sum the micro-batch reports, all-reduce over DP, and divide by the global token count."""
-    keys = (*REPORT_KEYS, "num_tokens")
-    sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
+    """Sum the micro-batch reports, all-reduce over DP, and derive per-token values."""
+    keys = sorted(reports[0]) if reports else [*REPORT_KEYS, "num_tokens"]
+    sums_K = torch.zeros(len(keys), dtype=torch.float64, device=device)
     for r in reports:
-        sums += torch.stack([r[k].to(device, torch.float64) for k in keys])
+        sums_K += torch.stack([r[k].to(device, torch.float64) for k in keys])
     if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
-        dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
-    ntok = max(sums[-1].item(), 1.0)
-    values = {k: sums[i].item() / ntok for i, k in enumerate(REPORT_KEYS)}
-    return StepReport(values=values, num_tokens=int(sums[-1].item()))
+        dist.all_reduce(sums_K, group=parallel_state.get_data_parallel_group())
+    sums = dict(zip(keys, sums_K.tolist()))
+    ntok = max(sums["num_tokens"], 1.0)
+    values = {k: sums[k] / ntok for k in REPORT_KEYS}
+    if "exp_n" in sums:
+        values.update(_order_stats(sums))
+    return StepReport(values=values, num_tokens=int(sums["num_tokens"]))
 
 
 def forward_backward(model: DiffusionLM, data_iterator: Iterator[dict], *, step: int, num_microbatches: int,

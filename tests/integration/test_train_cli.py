@@ -7,44 +7,13 @@ depend on the layout).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from megatron_lomdm.diffusion.registry import FAMILIES
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = "configs/experiments/tiny_cpu.yaml"
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
-        env.pop(key, None)
-    return env
-
-
-def train(run_dir: Path, shards: Path, *overrides: str, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run the training CLI (under torchrun when nproc > 1); returns the finished process."""
-    launcher = [sys.executable, "-m", "megatron_lomdm.train"]
-    if nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                    "-m", "megatron_lomdm.train"]
-    cmd = [*launcher, "--config", TINY, f"run.dir={run_dir}", f"data.train={shards}", *overrides]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r.get("kind", "train") == kind]
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in read_metrics(run_dir)]
+from tests.helpers.runs import losses, read_metrics, train
 
 
 def test_train_cli_writes_run_dir(tiny_shards: Path, tmp_path: Path) -> None:

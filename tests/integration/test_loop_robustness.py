@@ -1,0 +1,139 @@
+"""The loop survives kills, preemption signals, crashes during a save and NaN losses.
+
+A slightly larger model than tiny_cpu makes steps long enough (tens of ms) to interrupt.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_lomdm.checkpoint.manager import CheckpointManager
+from megatron_lomdm.train import EXIT_PREEMPTED
+from tests.helpers.runs import ROOT, clean_env, losses, read_metrics, start_train, train, wait_for_step
+
+SLOW = ("model.hidden_size=128", "model.num_layers=4", "train.steps=40")
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> list[float]:
+    """Losses of an uninterrupted 40-step run."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    out = train(run_dir, tiny_shards, *SLOW, "checkpoint.interval=5")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return losses(run_dir)
+
+
+def test_resume_bit_exact(tiny_shards: Path, tmp_path: Path, straight: list[float]) -> None:
+    run_dir = tmp_path / "run"
+    proc = start_train(run_dir, tiny_shards, *SLOW, "checkpoint.interval=5", log=tmp_path / "log1")
+    wait_for_step(run_dir, 12, proc)
+    proc.send_signal(signal.SIGKILL)  # kill -9: no chance to save
+    proc.wait(timeout=30)
+    resumed_from = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert 10 <= resumed_from < 40
+    out = train(run_dir, tiny_shards, *SLOW, "checkpoint.interval=5")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"at step {resumed_from}" in out.stderr
+    steps = [r["step"] for r in read_metrics(run_dir)]
+    assert steps == list(range(1, 41))  # each step exactly once after the rerun
+    assert losses(run_dir) == straight  # bit-exact: same data order, noise, weights, optimizer
+
+
+def test_sigterm_checkpoint_and_resume(tiny_shards: Path, tmp_path: Path, straight: list[float]) -> None:
+    run_dir = tmp_path / "run"
+    proc = start_train(run_dir, tiny_shards, *SLOW, "checkpoint.interval=0", log=tmp_path / "log1")
+    wait_for_step(run_dir, 6, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # a second signal while it saves changes nothing
+    assert proc.wait(timeout=60) == EXIT_PREEMPTED
+    saved = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert saved == read_metrics(run_dir)[-1]["step"] < 40
+    out = train(run_dir, tiny_shards, *SLOW, "checkpoint.interval=0")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert losses(run_dir) == straight
+
+
+def test_crash_during_save(tmp_path: Path) -> None:
+    """A save killed half-way (SIGKILL while writing) leaves the previous checkpoint as latest."""
+    script = textwrap.dedent(f"""
+        import os, signal, time, torch
+        from megatron_lomdm.checkpoint.manager import CheckpointManager
+        m = CheckpointManager({str(tmp_path)!r}, tp_rank=0, pp_rank=0, dp_rank=0, tp=1, pp=1, is_rank0=True, keep_last=3)
+        m.save(1, {{"w": torch.ones(3)}})
+        real_save = torch.save
+        def half_save(obj, f, *a, **k):
+            with open(f, "wb") as fh:
+                fh.write(b"partial")
+            os.kill(os.getpid(), signal.SIGKILL)
+        torch.save = half_save
+        m.save(2, {{"w": torch.full((3,), 2.0)}})
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=clean_env(), timeout=120)
+    assert out.returncode == -signal.SIGKILL
+    assert (tmp_path / "step_0000002.tmp").exists()  # the torn save is there...
+    manager = CheckpointManager(tmp_path, tp_rank=0, pp_rank=0, dp_rank=0, tp=1, pp=1, is_rank0=True, keep_last=3)
+    assert manager.latest_step() == 1  # ...but latest still names the complete one
+    assert torch.equal(manager.load(1)["w"], torch.ones(3))
+    manager.save(3, {"w": torch.zeros(3)})
+    assert not (tmp_path / "step_0000002.tmp").exists()  # torn saves are cleaned up by the next save
+    assert manager.latest_step() == 3
+
+
+def test_latest_pointing_at_incomplete_folder_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "step_0000005").mkdir()
+    (tmp_path / "latest").write_text("step_0000005\n")
+    manager = CheckpointManager(tmp_path, tp_rank=0, pp_rank=0, dp_rank=0, tp=1, pp=1, is_rank0=True, keep_last=3)
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        manager.latest_step()
+
+
+def test_keep_last(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, tp_rank=0, pp_rank=0, dp_rank=0, tp=1, pp=1, is_rank0=True, keep_last=2)
+    for step in (1, 2, 3, 4):
+        manager.save(step, {"step": step})
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_0000003", "step_0000004"]
+
+
+def test_nan_guard(tiny_shards: Path, tmp_path: Path) -> None:
+    """From step 3 on every loss is NaN: steps are skipped and counted, then the run stops with a
+    clear message and a checkpoint whose weights are those of the last good step."""
+    driver = textwrap.dedent(f"""
+        import sys, torch
+        from megatron_lomdm.models import diffusion_lm
+        real = diffusion_lm.DiffusionLM.forward
+        def poisoned(self, tokens, valid, index, step):
+            terms, diag = real(self, tokens, valid, index, step)
+            if step >= 2:
+                terms.surrogate = terms.surrogate * float("nan")
+            return terms, diag
+        diffusion_lm.DiffusionLM.forward = poisoned
+        from megatron_lomdm.train import main
+        sys.exit(main(sys.argv[1:]))
+    """)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-c", driver, "--config", "configs/experiments/tiny_cpu.yaml", f"run.dir={run_dir}",
+           f"data.train={tiny_shards}", "train.steps=30", "checkpoint.interval=0", "optim.ema_decay=0.5"]
+    out = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert "consecutive steps with a non-finite loss" in out.stderr
+    records = read_metrics(run_dir)
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 2, 3, 4, 5]
+    manager = CheckpointManager(run_dir / "checkpoints", tp_rank=0, pp_rank=0, dp_rank=0, tp=1, pp=1,
+                                is_rank0=True, keep_last=2)
+    state = manager.load(manager.latest_step())
+    tensors = {k: v for k, v in state["model"].items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    assert tensors and all(torch.isfinite(v).all() for v in tensors.values())
+    good = tmp_path / "good"
+    ref = train(good, tiny_shards, "train.steps=2", "checkpoint.interval=0", "optim.ema_decay=0.5")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    ref_state = CheckpointManager(good / "checkpoints", tp_rank=0, pp_rank=0, dp_rank=0, tp=1, pp=1,
+                                  is_rank0=True, keep_last=2).load(2)
+    for key, value in tensors.items():
+        assert torch.equal(ref_state["model"][key], value), key  # weights of the last good step
