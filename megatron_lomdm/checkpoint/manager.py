@@ -1,14 +1,17 @@
 """Atomic, resumable checkpoints: `checkpoints/step_XXXXXXX/` plus a `latest` pointer.
 
-Each rank writes its own shard file (`rank_TTT_PPP_DDD.pt`: its TP/PP slice of the model, its
-optimizer state, EMA, RNG, and the shared train/loader state) into `step_XXXXXXX.tmp/`. After a
-barrier, rank 0 renames the folder to `step_XXXXXXX/` and only then rewrites `latest` (write to a
-temp file, fsync, rename). A save killed at any point therefore leaves the previous checkpoint
-as `latest`, complete and loadable. Loading uses `torch.load(weights_only=True)`.
+The model and optimizer go through megatron-core `dist_checkpointing` into `dist/` (every rank
+writes its shard, collectively); everything else a rank owns (its TP/PP slice of the EMA, RNG,
+and the shared train/loader state) goes to `rank_TTT_PPP.pt`, written by data-parallel rank 0 of
+each model-parallel slice. All of it lands in `step_XXXXXXX.tmp/`; after a barrier rank 0 renames
+the folder to `step_XXXXXXX/` and only then rewrites `latest` (temp file, fsync, rename). A save
+killed at any point therefore leaves the previous checkpoint as `latest`, complete and loadable.
+Loading uses `torch.load(weights_only=True)`.
 
-Resharding: this format restores only onto the same TP x PP layout (the data-parallel size may
-change: model and optimizer state are replicated over DP). A different layout is refused with a
-clear error.
+Resharding: the `dist/` part is reshardable across data-parallel sizes (the distributed
+optimizer uses `dp_reshardable`); the per-rank files (EMA) tie a checkpoint to its TP x PP
+layout, so a different TP/PP is refused with a clear error. `tools/convert_to_hf.py` reads any
+layout.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -71,14 +75,24 @@ class CheckpointManager:
             raise ValueError(f"{pointer} names {name!r}, which is not a complete checkpoint folder")
         return int(match.group(1))
 
-    def save(self, step: int, state: dict[str, Any]) -> Path:
-        """Write this rank's shard of checkpoint `step` and publish it atomically."""
+    def save(self, step: int, state: dict[str, Any], sharded_writer: Callable[[Path], None] | None = None) -> Path:
+        """Write this rank's shard of checkpoint `step` and publish it atomically.
+
+        Args:
+            step: the optimizer step the state belongs to.
+            state: this rank's plain state (saved by DP rank 0 of its model-parallel slice).
+            sharded_writer: a collective writer of the sharded model/optimizer state, given the
+                `dist/` folder inside the temporary checkpoint folder.
+        """
         final = self.root / f"step_{step:07d}"
         tmp = self.root / f"step_{step:07d}.tmp"
         if self.is_rank0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
+            (tmp / "dist").mkdir()
         _barrier()
+        if sharded_writer is not None:
+            sharded_writer(tmp / "dist")
         if self.dp_rank == 0:
             torch.save(state, tmp / self._shard_name())
         _barrier()
@@ -93,9 +107,13 @@ class CheckpointManager:
         _barrier()
         return final
 
+    def folder(self, step: int) -> Path:
+        """The folder of checkpoint `step`."""
+        return self.root / f"step_{step:07d}"
+
     def load(self, step: int) -> dict[str, Any]:
-        """This rank's shard of checkpoint `step` (tensors on CPU)."""
-        folder = self.root / f"step_{step:07d}"
+        """This rank's shard of checkpoint `step` (tensors on CPU); the sharded part is in `folder(step)/dist`."""
+        folder = self.folder(step)
         meta = torch.load(folder / "meta.pt", weights_only=True)
         if (meta["tp"], meta["pp"]) != (self.tp, self.pp):
             raise ValueError(

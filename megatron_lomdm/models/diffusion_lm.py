@@ -18,6 +18,7 @@ Legend: B sequences, K corruptions, L positions, V vocabulary (this TP rank's sl
 from __future__ import annotations
 
 import torch
+from megatron.core.transformer.module import MegatronModule
 from torch import Tensor, nn
 
 from megatron_lomdm.diffusion.base import DiffusionFamily, ForwardSchedule
@@ -30,8 +31,11 @@ from megatron_lomdm.models.vocab_parallel import (
 )
 
 
-class DiffusionLM(nn.Module):
+class DiffusionLM(MegatronModule):
     """Backbone, scheduler heads and family, wired for one micro-batch of the training step.
+
+    A `MegatronModule`, so DDP wraps it whole and `sharded_state_dict` covers everything: the
+    backbone shards its own tensors; heads and family are saved as TP-replicated tensors.
 
     Args:
         backbone: `models.backbone.Backbone`; returns (vocab-parallel logits, hidden).
@@ -46,7 +50,7 @@ class DiffusionLM(nn.Module):
     def __init__(self, backbone: nn.Module, family: DiffusionFamily, fwd_head: nn.Module | None,
                  rev_head: nn.Module | None, *, mask_id: int, seed: int, global_batch_size: int,
                  eps_t: float) -> None:
-        super().__init__()
+        super().__init__(config=backbone.config)  # megatron schedules and DDP read the TransformerConfig
         self.backbone = backbone
         self.family = family
         self.fwd_head = fwd_head
@@ -55,7 +59,6 @@ class DiffusionLM(nn.Module):
         self.seed = seed
         self.global_batch_size = global_batch_size
         self.eps_t = eps_t
-        self.config = backbone.config  # megatron-core schedules read the TransformerConfig here
         self.model_type = backbone.model_type
 
     def set_input_tensor(self, input_tensor: Tensor | list[Tensor] | None) -> None:

@@ -20,12 +20,13 @@ from megatron_lomdm.data.loader import ShardLoader
 from megatron_lomdm.data.shards import Manifest, check_tokenizer_compat, read_manifest
 from megatron_lomdm.diffusion.registry import build_family
 from megatron_lomdm.distributed.init import ParallelInfo, init_distributed
+from megatron_lomdm.distributed.wrap import Engine, build_engine
 from megatron_lomdm.models.backbone import build_backbone
 from megatron_lomdm.models.diffusion_lm import DiffusionLM
 from megatron_lomdm.models.scheduler_head import SchedulerHead
 from megatron_lomdm.tracking.base import MetricsFile, Tracker
 from megatron_lomdm.tracking.mlflow_tracker import build_tracker
-from megatron_lomdm.training.optim import EMA, build_optimizer
+from megatron_lomdm.training.optim import EMA
 from megatron_lomdm.training.preemption import PreemptionFlag
 from megatron_lomdm.training.step import forward_backward, reduce_reports
 from megatron_lomdm.utils.flops import Shape, peak_flops_of_device, step_flops
@@ -105,7 +106,7 @@ class Run:
     cfg: Config
     info: ParallelInfo
     model: DiffusionLM
-    optimizer: torch.optim.Optimizer
+    engine: Engine
     ema: EMA
     loader: ShardLoader
     valid_path: Path
@@ -119,7 +120,6 @@ class Run:
 
     def __post_init__(self) -> None:
         self.device = self.info.device
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.train_iter = iter(self.loader)
         self.num_microbatches = self.loader.num_micro_batches
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -157,7 +157,7 @@ class Run:
             reports = []
             for b in range(batches):
                 # eval noise lives on negative "steps" so it never coincides with a training step
-                reports += forward_backward(self.model, it, step=-1 - b, num_microbatches=self.num_microbatches,
+                reports += forward_backward(self.engine.module, it, step=-1 - b, num_microbatches=self.num_microbatches,
                                             seq_length=cfg.model.seq_length, micro_batch_size=cfg.train.micro_batch_size,
                                             device=self.device, forward_only=True)
         finally:
@@ -171,8 +171,7 @@ class Run:
     # ---- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "engine": self.engine.state_dict(),
             "ema": self.ema.state_dict(),
             "train_state": dataclasses.asdict(self.state),
             "loader": self.loader.state_dict(),
@@ -180,9 +179,11 @@ class Run:
                     "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
         }
 
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.model.load_state_dict(sd["model"])
-        self.optimizer.load_state_dict(sd["optimizer"])
+    def load_checkpoint(self, step: int) -> None:
+        """Restore everything from checkpoint `step` (collective)."""
+        self.engine.load_sharded(self.ckpt.folder(step) / "dist")
+        sd = self.ckpt.load(step)
+        self.engine.load_state_dict(sd["engine"])
         self.ema.load_state_dict(sd["ema"])
         self.state = TrainState(**sd["train_state"])
         self.loader.load_state_dict(sd["loader"])
@@ -193,7 +194,7 @@ class Run:
             torch.cuda.set_rng_state(sd["rng"]["cuda"])
 
     def save_checkpoint(self) -> None:
-        self.ckpt.save(self.state.step, self.state_dict())
+        self.ckpt.save(self.state.step, self.state_dict(), sharded_writer=self.engine.save_sharded)
 
     def close(self) -> None:
         self.tracker.close()
@@ -215,8 +216,8 @@ def build_run(cfg: Config) -> Run:
     if is_rank0:
         save_config(cfg, run_dir / "config.yaml")
     model = build_model(cfg, info)
-    optimizer = build_optimizer(model.backbone_parameters(), model.head_parameters(), optim=cfg.optim, train=cfg.train)
     ema = EMA(list(model.named_parameters()), cfg.optim.ema_decay)
+    engine = build_engine(model, cfg)
     loader = ShardLoader(cfg.data.train, micro_batch_size=cfg.train.micro_batch_size,
                          global_batch_size=cfg.train.global_batch_size, dp_rank=info.dp_rank, dp_size=info.dp,
                          seed=cfg.train.seed, split="train", shuffle=cfg.data.shuffle)
@@ -232,10 +233,10 @@ def build_run(cfg: Config) -> Run:
     tracker = build_tracker(enabled=cfg.tracking.enabled, is_rank0=is_rank0, uri=cfg.tracking.uri,
                             experiment=cfg.tracking.experiment, run_dir=run_dir,
                             run_name=cfg.run.name or run_dir.name, tags=tags, system_metrics=cfg.tracking.system_metrics)
-    run = Run(cfg=cfg, info=info, model=model, optimizer=optimizer, ema=ema, loader=loader, valid_path=valid_path,
+    run = Run(cfg=cfg, info=info, model=model, engine=engine, ema=ema, loader=loader, valid_path=valid_path,
               valid_split=valid_split, ckpt=ckpt, tracker=tracker, metrics_file=None, preemption=PreemptionFlag())
     if latest is not None:
-        run.load_state_dict(ckpt.load(latest))
+        run.load_checkpoint(latest)
         log.info("resumed from %s at step %d", ckpt.root / f"step_{latest:07d}", run.state.step)
     else:
         tracker.log_params(config_to_dict(cfg))

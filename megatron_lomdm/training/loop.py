@@ -13,7 +13,7 @@ import torch
 
 from megatron_lomdm.config import Config
 from megatron_lomdm.training.build import Run, build_run
-from megatron_lomdm.training.optim import clip_grad_norm, lr_multiplier, set_lr
+from megatron_lomdm.training.optim import lr_multiplier
 from megatron_lomdm.training.step import forward_backward, reduce_reports
 from megatron_lomdm.utils.logging import get_logger
 
@@ -30,21 +30,19 @@ def peak_memory_gb(device: torch.device) -> float:
 def train_step(run: Run) -> dict[str, float]:
     """One optimizer step on the next global batch; returns its metrics (per-token values)."""
     cfg, state = run.cfg, run.state
-    lr = set_lr(run.optimizer, lr_multiplier(state.step, warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.train.steps,
-                                              schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio))
-    run.optimizer.zero_grad(set_to_none=True)
+    lr = run.engine.set_lr(lr_multiplier(state.step, warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.train.steps,
+                                         schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio))
+    run.engine.zero_grad()
     t0 = time.perf_counter()
-    reports = forward_backward(run.model, run.train_iter, step=state.step, num_microbatches=run.num_microbatches,
+    reports = forward_backward(run.engine.module, run.train_iter, step=state.step, num_microbatches=run.num_microbatches,
                                seq_length=cfg.model.seq_length, micro_batch_size=cfg.train.micro_batch_size,
                                device=run.device)
     out = reduce_reports(reports, run.device)
-    grad_norm = clip_grad_norm(run.params, cfg.optim.clip_grad, tp_group=run.tp_group, pp_group=run.pp_group)
-    finite = math.isfinite(grad_norm) and math.isfinite(out.values["surrogate"])
-    if finite:
-        run.optimizer.step()
+    applied, grad_norm = run.engine.step() if math.isfinite(out.values["surrogate"]) else (False, math.nan)
+    if applied:
         run.ema.update()
         state.bad_steps = 0
-    else:
+    else:  # non-finite loss or gradient: the update is skipped, the data is consumed
         state.bad_steps += 1
         state.skipped_steps += 1
     dt = time.perf_counter() - t0

@@ -3,9 +3,9 @@
 `forward_step(step, data_iterator, model) -> (output, partial(loss_func, terms))` is the
 megatron-core contract, so the same code runs under `get_forward_backward_func()` for any
 pipeline layout. Losses are token sums (`config.calculate_per_token_loss=True`); after the
-backward, `finalize_grads` divides every gradient by the number of valid tokens of the whole
-global batch (all micro-batches, all data-parallel ranks), which makes gradient accumulation and
-data parallelism exact reformulations of one big batch.
+backward, megatron's `finalize_model_grads` divides every gradient by the number of valid tokens
+of the whole global batch (all micro-batches, all data-parallel ranks), which makes gradient
+accumulation and data parallelism exact reformulations of one big batch.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_lomdm.losses.objective import LossTerms
-from megatron_lomdm.models.diffusion_lm import DiffusionLM
 
 REPORT_KEYS = ("nelbo", "main", "velocity", "rloo", "surrogate")
 
@@ -35,7 +34,7 @@ def loss_func(terms: LossTerms, diag: dict[str, torch.Tensor], output_tensor: to
     return output_tensor, num_tokens, report
 
 
-def forward_step(step: int, device: torch.device, data_iterator: Iterator[dict], model: DiffusionLM):
+def forward_step(step: int, device: torch.device, data_iterator: Iterator[dict], model: torch.nn.Module):
     """Forward one micro-batch; returns the surrogate sum and the loss function to close it."""
     batch = next(data_iterator)
     tokens_BL = batch["tokens"].to(device, non_blocking=True)
@@ -43,26 +42,6 @@ def forward_step(step: int, device: torch.device, data_iterator: Iterator[dict],
     index_B = batch["sample_index"].to(device, non_blocking=True)
     terms, diag = model(tokens_BL, valid_BL, index_B, step)
     return terms.surrogate, partial(loss_func, terms, diag)
-
-
-def finalize_grads(model: DiffusionLM, num_tokens: torch.Tensor) -> None:
-    """All-reduce grads and the token count over data-parallel ranks, then divide by the count.
-
-    Heads are replicated over TP and see identical inputs there, so their gradients already agree
-    across TP ranks; they are averaged over data-parallel ranks only, like the backbone shards.
-    """
-    dp_group = parallel_state.get_data_parallel_group()
-    total = num_tokens.to(torch.float64).clone()
-    dp = dist.get_world_size(dp_group) if dist.is_initialized() else 1
-    if dp > 1:
-        dist.all_reduce(total, group=dp_group)
-    scale = 1.0 / max(total.item(), 1.0)
-    for p in model.parameters():
-        if p.grad is None:
-            continue
-        if dp > 1:
-            dist.all_reduce(p.grad, group=dp_group)
-        p.grad.mul_(scale)
 
 
 @dataclass
@@ -102,16 +81,15 @@ def reduce_reports(reports: list[dict], device: torch.device) -> StepReport:
     return StepReport(values=values, num_tokens=int(sums["num_tokens"]))
 
 
-def forward_backward(model: DiffusionLM, data_iterator: Iterator[dict], *, step: int, num_microbatches: int,
+def forward_backward(model: torch.nn.Module, data_iterator: Iterator[dict], *, step: int, num_microbatches: int,
                      seq_length: int, micro_batch_size: int, device: torch.device,
                      forward_only: bool = False) -> list[dict[str, Any]]:
     """Run the megatron-core schedule over `num_microbatches` micro-batches; returns their reports.
 
-    Under PP only the last stage gets reports (an empty list elsewhere).
+    `model` is the engine's module (DDP-wrapped DiffusionLM); the engine has set the config's
+    `finalize_model_grads_func` (DP reduce, then division by the global token count). Under PP only
+    the last stage gets reports (an empty list elsewhere).
     """
-    config = model.config
-    config.calculate_per_token_loss = True
-    config.finalize_model_grads_func = lambda models, num_tokens, **_: finalize_grads(models[0], num_tokens)
     fb = get_forward_backward_func()
     return fb(
         forward_step_func=partial(forward_step, step, device),

@@ -1,0 +1,142 @@
+"""Data parallelism behind one interface: megatron-core DDP + (distributed) optimizer, or DeepSpeed.
+
+An `Engine` owns the data-parallel wrapper, the optimizer and its checkpoint state; the loop only
+calls `zero_grad`, `set_lr`, `step` and the state methods, and hands `engine.module` to
+megatron-core's forward/backward schedule. Gradients are token sums; `finalize_model_grads`
+(megatron) divides them by the global number of valid tokens after the data-parallel reduce, so
+every layout computes the gradient of the same per-token loss.
+
+Supported layouts (anything else raises ValueError before work starts):
+
+| backend  | zero | TP | PP | what it is                                                   |
+|----------|------|----|----|--------------------------------------------------------------|
+| megatron | 0    | ✓  | ✓  | mcore DDP (fp32 grad buffers, optional overlap) + Adam        |
+| megatron | 1    | ✓  | ✓  | + DistributedOptimizer (optimizer state sharded over DP)      |
+| deepspeed| 0-3  | ✓  | 1  | DeepSpeed engine, megatron TP through an mpu adapter          |
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from megatron_lomdm.config import Config
+from megatron_lomdm.utils.logging import get_logger
+
+log = get_logger(__name__)
+HEAD_PREFIXES = ("fwd_head.", "rev_head.", "family.")
+
+
+class Engine(Protocol):
+    module: nn.Module
+
+    def zero_grad(self) -> None: ...
+    def set_lr(self, multiplier: float) -> float: ...
+    def step(self) -> tuple[bool, float]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def save_sharded(self, folder: Path) -> None: ...
+    def load_sharded(self, folder: Path) -> None: ...
+
+
+def _is_head(name: str) -> bool:
+    return name.startswith(HEAD_PREFIXES) or any(f".{p}" in name for p in HEAD_PREFIXES)
+
+
+class MegatronEngine:
+    """mcore `DistributedDataParallel` + `get_megatron_optimizer` (ZeRO-1 with `parallel.zero=1`).
+
+    Scheduler heads get their own parameter group (max_lr = `optim.head_lr`); they are replicated
+    over TP, so megatron counts them once in the gradient norm, and DDP averages them over DP only.
+    """
+
+    SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+    def __init__(self, model: nn.Module, cfg: Config) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+        from megatron.core.optimizer_param_scheduler import ParamGroupOverride
+
+        config = model.config
+        config.calculate_per_token_loss = True  # read by DDP at construction: grads are summed, not averaged
+        distributed_optimizer = cfg.parallel.zero == 1
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+            use_distributed_optimizer=distributed_optimizer, check_for_nan_in_grad=False,
+        )
+        self.module = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+        config.no_sync_func = self.module.no_sync
+        if cfg.parallel.overlap_grad_reduce:
+            config.grad_sync_func = self.module.start_grad_sync
+        config.finalize_model_grads_func = finalize_model_grads
+        bf16 = cfg.train.precision == "bf16"
+        opt_config = OptimizerConfig(
+            optimizer="adam", lr=cfg.train.lr, min_lr=cfg.train.lr * cfg.optim.min_lr_ratio,
+            weight_decay=cfg.optim.weight_decay, adam_beta1=cfg.optim.beta1, adam_beta2=cfg.optim.beta2,
+            adam_eps=cfg.optim.eps, clip_grad=cfg.optim.clip_grad, bf16=bf16,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32,
+            use_distributed_optimizer=distributed_optimizer,
+        )
+        heads = ParamKey(with_name_predicate=ParamWithNamePredicate(name="scheduler_heads", fn=lambda p, n: _is_head(n)))
+        no_wd = ParamKey(with_name_predicate=ParamWithNamePredicate(
+            name="no_wd", fn=lambda p, n: (len(p.shape) == 1 or n.endswith(".bias")) and not _is_head(n)))
+        overrides = {no_wd: ParamGroupOverride(wd_mult=0.0)}
+        if cfg.optim.head_lr:
+            overrides[heads] = ParamGroupOverride(max_lr=cfg.optim.head_lr, min_lr=cfg.optim.head_lr * cfg.optim.min_lr_ratio)
+        self.optimizer = get_megatron_optimizer(opt_config, [self.module], config_overrides=overrides)
+
+    def zero_grad(self) -> None:
+        self.module.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def set_lr(self, multiplier: float) -> float:
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["max_lr"] * multiplier
+        return self.optimizer.param_groups[0]["lr"]
+
+    def step(self) -> tuple[bool, float]:
+        """Apply the update unless the global gradient norm is not finite; returns (applied, norm)."""
+        norm = float(self.optimizer.get_grad_norm())
+        if not math.isfinite(norm):
+            return False, norm
+        ok, norm, _ = self.optimizer.step()
+        return bool(ok), float(norm if norm is not None else 0.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # model and optimizer state go through dist_checkpointing (save_sharded)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def _sharded(self, is_loading: bool) -> dict[str, Any]:
+        model_sd = self.module.module.sharded_state_dict(metadata=self.SHARDING)
+        return {"model": model_sd,
+                "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=self.SHARDING)}
+
+    def save_sharded(self, folder: Path) -> None:
+        from megatron.core import dist_checkpointing
+
+        folder.mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save(self._sharded(is_loading=False), str(folder))
+
+    def load_sharded(self, folder: Path) -> None:
+        from megatron.core import dist_checkpointing
+
+        state = dist_checkpointing.load(self._sharded(is_loading=True), str(folder))
+        self.module.module.load_state_dict(state["model"], strict=False)
+        with torch.no_grad():  # mcore: loading optimizer state in place needs no autograd
+            self.optimizer.load_state_dict(state["optimizer"])
+
+
+def build_engine(model: nn.Module, cfg: Config) -> Engine:
+    """The engine for `parallel.backend`."""
+    if cfg.parallel.backend == "megatron":
+        return MegatronEngine(model, cfg)
+    from megatron_lomdm.distributed.deepspeed_engine import DeepSpeedEngine
+
+    return DeepSpeedEngine(model, cfg)
