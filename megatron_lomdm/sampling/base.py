@@ -1,0 +1,593 @@
+"""Sampler building blocks: the denoiser protocol, results, the SUBS sampling law, schedules.
+
+A sampler never sees a backbone. It calls a **denoiser** ``denoise(z_BL) -> DenoiserOutput``:
+one call is one backbone pass that yields the logits and, for learned-order models, the
+reverse scheduler's exponents e_R computed from the same pass's hidden states (method.md
+§3.5). ``denoiser_from_backbone`` wires a backbone (+ reverse head) for the families of
+``megatron_lomdm.diffusion``. Samplers apply SUBS themselves (method.md §1.2): the [MASK]
+logit is -inf and unmasked positions are carried over (a sampler only ever writes masked
+positions).
+
+Wiring by hand (what ``denoiser_from_backbone`` does for a LoMDM model at TP = 1)::
+
+    def denoise(z_BL):
+        logits_BLV, hidden_BLD = backbone(z_BL)               # one pass
+        e_BL = family.exponents(rev_head(hidden_BLD))         # e_R from the same pass
+        return DenoiserOutput(logits_BLV, e_BL)
+
+    result = build_sampler("ancestral", mask_id=mask_id, num_steps=256).sample(
+        denoise, batch_size=8, seq_length=1024, generator=torch.Generator(device).manual_seed(0),
+        device=device)
+
+For context-free families return ``DenoiserOutput(logits_BLV)`` and build the sampler with
+``family=...`` (or ``exponent=...``).
+
+Caching (MDLM ``ddpm_cache``): the backbone is not time-conditioned (method.md §1.1, §6.10),
+so if no token changed since the last call the logits and e_R are unchanged and the call is
+skipped. Cached and uncached runs consume the generator identically and give equal samples.
+
+Dtypes: sampling laws (log-probs, unmask probabilities, Gumbel noise) are fp64 whatever the
+logits' dtype (method.md §3.5, Zheng et al. 2024); logits are upcast chunk by chunk, so at
+most a (``CHUNK_ROWS``, V) fp64 block exists at a time.
+
+Shape legend:
+    B  sequences in the batch
+    L  sequence length
+    V  vocabulary size (including [MASK])
+    N  selected (b, l) rows, flattened in row-major order
+    T  grid steps
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from megatron_lomdm.diffusion.base import ContextFreeFamily, DiffusionFamily
+from megatron_lomdm.diffusion.genmd4 import GenMD4Family
+from megatron_lomdm.diffusion.lomdm import LoMDMFamily
+from megatron_lomdm.diffusion.poly import PowerFamily
+from megatron_lomdm.diffusion.subs import expected_token_rate
+
+# Rows of fp64 (rows, V) blocks processed at once (256 x 50k x 8 B = 100 MB per block).
+CHUNK_ROWS = 256
+_F64 = torch.float64
+
+
+@dataclass
+class DenoiserOutput:
+    """What one backbone pass gives a sampler.
+
+    Attributes:
+        logits_BLV: Raw backbone logits over the full vocabulary (any float dtype), (B, L, V).
+            SUBS is applied by the sampler.
+        velocity_exponents_BL: Reverse-scheduler exponents e_R > 0 with
+            alpha_R = 1 - t^{e_R} (method.md §3.2), (B, L); None for context-free families,
+            whose reverse schedule the sampler takes from its own configuration.
+    """
+
+    logits_BLV: Tensor
+    velocity_exponents_BL: Tensor | None = None
+
+
+Denoiser = Callable[[Tensor], DenoiserOutput]
+
+
+@dataclass
+class SampleResult:
+    """The output of one ``Sampler.sample`` call.
+
+    Attributes:
+        tokens_BL: Generated token ids (no [MASK] left), (B, L).
+        num_calls: Denoiser calls made (<= num_steps; fewer when the cache hit).
+        unmask_step_BL: Step index at which each position was unmasked; -1 for fixed
+            (prompt) positions, (B, L) int64.
+        grid: The time grid used, (T + 1,) fp64, for grid samplers; (B, S + 1) event times
+            for ``exact``; None for ``entropy_bound``.
+        num_steps: Steps executed (steps that started with at least one [MASK]).
+    """
+
+    tokens_BL: Tensor
+    num_calls: int
+    unmask_step_BL: Tensor
+    grid: Tensor | None
+    num_steps: int
+
+
+class Confidence(NamedTuple):
+    """Per-row confidence of the sampling distribution (fp64, (N,) each)."""
+
+    max_prob_N: Tensor
+    margin_N: Tensor
+    entropy_N: Tensor
+
+
+# --------------------------------------------------------------------------------------
+# The per-position sampling law.
+# --------------------------------------------------------------------------------------
+
+
+def sampling_log_probs(
+    logits_NV: Tensor, *, mask_id: int, temperature: float = 1.0, top_p: float = 1.0
+) -> Tensor:
+    """The law tokens are drawn from: SUBS, temperature, then nucleus (top-p) filtering.
+
+    Args:
+        logits_NV: Logits of masked rows (any float dtype), (N, V).
+        mask_id: Token id of [MASK]; its probability is 0 (SUBS).
+        temperature: Logits are divided by it; > 0.
+        top_p: Keep the smallest set of most likely tokens whose mass is >= top_p, then
+            renormalise; 1 keeps everything.
+
+    Returns:
+        Normalised log-probs, fp64, (N, V); -inf outside the support.
+    """
+    logits_NV = logits_NV.to(_F64)
+    logits_NV = logits_NV.index_fill(1, torch.tensor([mask_id], device=logits_NV.device), -math.inf)
+    logp_NV = torch.log_softmax(logits_NV / temperature, dim=-1)
+    if top_p >= 1.0:
+        return logp_NV
+    prob_sorted_NV, order_NV = torch.sort(logp_NV.exp(), dim=-1, descending=True)
+    mass_before_NV = prob_sorted_NV.cumsum(-1) - prob_sorted_NV
+    drop_sorted_NV = mass_before_NV >= top_p  # the most likely token always stays
+    drop_NV = torch.empty_like(drop_sorted_NV).scatter_(-1, order_NV, drop_sorted_NV)
+    return torch.log_softmax(logp_NV.masked_fill(drop_NV, -math.inf), dim=-1)
+
+
+def gumbel_argmax(logp_NV: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One categorical draw per row by Gumbel-max, in fp64.
+
+    Args:
+        logp_NV: Log-probs (fp64 recommended), (N, V).
+        generator: Source of the uniforms (on ``logp_NV``'s device); None = global RNG.
+
+    Returns:
+        Token ids, int64, (N,).
+    """
+    u_NV = torch.rand(logp_NV.shape, dtype=_F64, device=logp_NV.device, generator=generator)
+    gumbel_NV = -torch.log(-torch.log(u_NV.clamp_min(torch.finfo(_F64).tiny)))
+    return torch.argmax(logp_NV.to(_F64) + gumbel_NV, dim=-1)
+
+
+def confidence(logp_NV: Tensor) -> Confidence:
+    """Max probability, top-2 margin and entropy of each row's law (Kim et al.; EB-sampler).
+
+    Args:
+        logp_NV: Normalised log-probs, (N, V), V >= 2.
+
+    Returns:
+        The three scores, fp64, (N,) each.
+    """
+    prob_NV = logp_NV.to(_F64).exp()
+    top2_N2 = torch.topk(prob_NV, k=2, dim=-1).values
+    # where(): 0 * log 0 = 0 outside the support.
+    entropy_N = -torch.where(prob_NV > 0, prob_NV * logp_NV.to(_F64), 0.0).sum(-1)
+    return Confidence(top2_N2[:, 0], top2_N2[:, 0] - top2_N2[:, 1], entropy_N)
+
+
+# --------------------------------------------------------------------------------------
+# Context-free reverse schedules.
+# --------------------------------------------------------------------------------------
+
+
+class ReverseSchedule(abc.ABC):
+    """A context-free reverse scheduler alpha_R(t) per position (fp64).
+
+    Attributes:
+        requires_denoiser_exponents: The family's reverse scheduler reads z_t (LoMDM,
+            GenMD4): a power-law sampler must get e_R from the denoiser; the schedule below
+            only sets the mean (used for the oracles' token budget).
+    """
+
+    requires_denoiser_exponents: bool = False
+
+    @abc.abstractmethod
+    def log_mask_prob(self, t: float, seq_length: int, device: torch.device) -> Tensor:
+        """log(1 - alpha_R(t)) per position, fp64, (L,); -inf where certainly clean."""
+
+    def unmask_prob(self, t: float, s: float, seq_length: int, device: torch.device) -> Tensor:
+        """P(unmasked at s | masked at t) = 1 - (1 - alpha(s)) / (1 - alpha(t)), (L,) fp64."""
+        lm_t_L = self.log_mask_prob(t, seq_length, device)
+        lm_s_L = self.log_mask_prob(s, seq_length, device)
+        p_L = -torch.expm1(lm_s_L - lm_t_L)
+        # where(): a position the schedule says is already clean at t unmasks now.
+        return torch.where(torch.isneginf(lm_t_L), 1.0, p_L).clamp(0.0, 1.0)
+
+    def keep_prob(self, t: float, seq_length: int, device: torch.device) -> Tensor:
+        """alpha_R(t) per position, fp64, (L,)."""
+        return -torch.expm1(self.log_mask_prob(t, seq_length, device))
+
+
+class PowerReverse(ReverseSchedule):
+    """alpha_R = 1 - t^e with one constant exponent e > 0 (MDLM e = 1, poly e = c1)."""
+
+    def __init__(self, exponent: float, *, requires_denoiser_exponents: bool = False) -> None:
+        """Build the schedule.
+
+        Args:
+            exponent: The constant exponent, > 0.
+            requires_denoiser_exponents: See ``ReverseSchedule``.
+
+        Raises:
+            ValueError: If exponent <= 0.
+        """
+        if not exponent > 0:
+            raise ValueError(f"the reverse exponent must be > 0, got {exponent}")
+        self.exponent = float(exponent)
+        self.requires_denoiser_exponents = requires_denoiser_exponents
+
+    def log_mask_prob(self, t: float, seq_length: int, device: torch.device) -> Tensor:
+        """See ``ReverseSchedule.log_mask_prob``: e log t."""
+        log_t = math.log(t) if t > 0 else -math.inf
+        return torch.full((seq_length,), self.exponent * log_t, dtype=_F64, device=device)
+
+
+class FamilyReverse(ReverseSchedule):
+    """The reverse scheduler of a context-free family (alpha_R = alpha_F), e.g. ARM, BD3LM."""
+
+    def __init__(self, family: ContextFreeFamily) -> None:
+        """Wrap the family.
+
+        Args:
+            family: A context-free family; its ``schedule(t)`` gives alpha per position.
+        """
+        self.family = family
+
+    def log_mask_prob(self, t: float, seq_length: int, device: torch.device) -> Tensor:
+        """See ``ReverseSchedule.log_mask_prob``; evaluates ``family.schedule`` in fp64."""
+        if seq_length != self.family.seq_length:
+            raise ValueError(
+                f"sequence length {seq_length} differs from the family's "
+                f"seq_length={self.family.seq_length}"
+            )
+        t_1 = torch.tensor([t], dtype=_F64, device=device)
+        return self.family.schedule(t_1).log_mask_prob_BL[0]
+
+
+def reverse_schedule(
+    family: DiffusionFamily | None = None, exponent: float | None = None
+) -> ReverseSchedule | None:
+    """Resolve a sampler's ``family`` / ``exponent`` options to a reverse schedule.
+
+    Args:
+        family: An OeMDM family. Power families (mdlm, poly) give ``PowerReverse``; other
+            context-free families (arm, bd3lm) give ``FamilyReverse``; lomdm and genmd4 give
+            a ``PowerReverse`` with mean exponent c1 (lomdm) or 1 (genmd4) that requires
+            the denoiser to return e_R.
+        exponent: A constant exponent instead of a family.
+
+    Returns:
+        The schedule, or None if neither option is given (the denoiser must then return
+        the exponents).
+
+    Raises:
+        ValueError: If both options are given or the family type is unsupported.
+    """
+    if family is not None and exponent is not None:
+        raise ValueError("give either family or exponent, not both")
+    if exponent is not None:
+        return PowerReverse(exponent)
+    if family is None:
+        return None
+    if isinstance(family, PowerFamily):
+        return PowerReverse(family.exponent)
+    if isinstance(family, ContextFreeFamily):
+        return FamilyReverse(family)
+    if isinstance(family, LoMDMFamily):
+        return PowerReverse(family.c1, requires_denoiser_exponents=True)
+    if isinstance(family, GenMD4Family):
+        return PowerReverse(1.0, requires_denoiser_exponents=True)
+    raise ValueError(f"no reverse schedule for family type {type(family).__name__}")
+
+
+def power_unmask_prob(exponents_BL: Tensor, t: float, s: float) -> Tensor:
+    """P(unmasked at s | masked at t) = 1 - (s/t)^e under alpha = 1 - t^e, fp64 (B, L).
+
+    Args:
+        exponents_BL: Exponents e > 0, (B, L).
+        t: Current time, > 0.
+        s: Next time, 0 <= s <= t.
+
+    Returns:
+        The unmask probabilities; exactly 1 when s = 0.
+    """
+    log_ratio = (math.log(s) if s > 0 else -math.inf) - math.log(t)
+    return -torch.expm1(exponents_BL.to(_F64) * log_ratio)
+
+
+# --------------------------------------------------------------------------------------
+# Wiring a backbone into a denoiser.
+# --------------------------------------------------------------------------------------
+
+
+def denoiser_from_backbone(
+    backbone: Callable[[Tensor], tuple[Tensor, Tensor]],
+    *,
+    family: DiffusionFamily,
+    rev_head: nn.Module | None = None,
+) -> Denoiser:
+    """Wrap ``backbone(z_BL) -> (logits_BLV, hidden_BLD)`` into a one-pass denoiser.
+
+    - lomdm: e_R = c1 + c2 NormSig(rev_head(hidden)) from the same pass (method.md §3.5).
+    - genmd4: e_R = sum_v softmax_SUBS(logits)_v w_v and the logits are tilted by log w, so
+      tokens are drawn from x~_v ∝ w_v mu_v (the OeMDM form of GenMD4, method.md §2).
+    - context-free families: no exponents (the sampler's ``family`` option supplies them).
+
+    Args:
+        backbone: Returns full-vocabulary logits (gather tensor-parallel slices first) and
+            the final hidden states; e.g. ``lambda z: model.backbone(z)`` at TP = 1.
+        family: The model's family.
+        rev_head: The reverse scheduler head g_psi (lomdm only).
+
+    Returns:
+        The denoiser.
+
+    Raises:
+        ValueError: If a lomdm family gets no ``rev_head``.
+    """
+    if isinstance(family, LoMDMFamily) and rev_head is None:
+        raise ValueError("the lomdm family needs rev_head to compute e_R")
+
+    def denoise(z_BL: Tensor) -> DenoiserOutput:
+        logits_BLV, hidden_BLD = backbone(z_BL)
+        if isinstance(family, LoMDMFamily):
+            return DenoiserOutput(logits_BLV, family.exponents(rev_head(hidden_BLD)))
+        if isinstance(family, GenMD4Family):
+            w_V = family.token_exponents()  # fp32
+            B, L, V = logits_BLV.shape
+            rate_BL = expected_token_rate(logits_BLV.reshape(B * L, V), w_V, family.mask_id)
+            return DenoiserOutput(logits_BLV.float() + w_V.log(), rate_BL.view(B, L))
+        return DenoiserOutput(logits_BLV, None)
+
+    return denoise
+
+
+# --------------------------------------------------------------------------------------
+# Sampler base class.
+# --------------------------------------------------------------------------------------
+
+
+class SamplingRun:
+    """Mutable state of one ``sample`` call (internal to the samplers).
+
+    It holds the tokens, the unmask steps, the call counter and the one-entry cache.
+    """
+
+    def __init__(
+        self,
+        denoise: Denoiser,
+        z_BL: Tensor,
+        *,
+        mask_id: int,
+        generator: torch.Generator | None,
+        use_cache: bool,
+    ) -> None:
+        self.denoise = denoise
+        self.z_BL = z_BL
+        self.mask_id = mask_id
+        self.generator = generator
+        self.use_cache = use_cache
+        self.unmask_step_BL = torch.full_like(z_BL, -1, dtype=torch.int64)
+        self.num_calls = 0
+        self.num_steps = 0
+        self._out: DenoiserOutput | None = None
+
+    def masked_BL(self) -> Tensor:
+        """Bool mask of the positions still [MASK], (B, L)."""
+        return self.z_BL == self.mask_id
+
+    def output(self) -> DenoiserOutput:
+        """The denoiser output for the current z: a cached one if no token changed."""
+        if self._out is None or not self.use_cache:
+            out = self.denoise(self.z_BL.clone())
+            _check_output(out, self.z_BL, self.mask_id)
+            self.num_calls += 1
+            self._out = out
+        return self._out
+
+    def commit(self, select_BL: Tensor, tokens_N: Tensor, step: int) -> None:
+        """Write tokens at the selected (masked) positions, row-major; invalidates the cache."""
+        if tokens_N.numel() == 0:
+            return
+        assert bool((self.z_BL[select_BL] == self.mask_id).all()), "only masks are written"
+        self.z_BL[select_BL] = tokens_N.to(self.z_BL.dtype)
+        self.unmask_step_BL[select_BL] = step
+        self._out = None
+
+
+def _check_output(out: DenoiserOutput, z_BL: Tensor, mask_id: int) -> None:
+    """Raise ValueError if a denoiser output does not match z."""
+    logits = out.logits_BLV
+    if logits.dim() != 3 or logits.shape[:2] != z_BL.shape or logits.shape[2] <= mask_id:
+        raise ValueError(
+            f"denoiser logits have shape {tuple(logits.shape)}; expected "
+            f"({z_BL.shape[0]}, {z_BL.shape[1]}, V) with V > mask_id={mask_id}"
+        )
+    e_BL = out.velocity_exponents_BL
+    if e_BL is None:
+        return
+    if e_BL.shape != z_BL.shape:
+        raise ValueError(f"velocity_exponents_BL has shape {tuple(e_BL.shape)}, expected "
+                         f"{tuple(z_BL.shape)}")
+    e_masked = e_BL[z_BL == mask_id]
+    if not bool((torch.isfinite(e_masked) & (e_masked > 0)).all()):
+        raise ValueError("velocity_exponents_BL must be finite and > 0 at masked positions")
+
+
+class Sampler(abc.ABC):
+    """Base of all samplers: options, prompt handling, the draw/commit helpers.
+
+    Subclasses implement ``_run``; it must make at most one ``run.output()`` call per step
+    and increment ``run.num_steps`` once per executed step.
+
+    Attributes:
+        name: The registry name.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        *,
+        mask_id: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        use_cache: bool = True,
+    ) -> None:
+        """Store the options shared by all samplers.
+
+        Args:
+            mask_id: Token id of [MASK].
+            temperature: Softmax temperature of every token draw, > 0.
+            top_p: Nucleus mass in (0, 1]; 1 disables nucleus filtering.
+            use_cache: Skip the denoiser call when no token changed since the last call.
+
+        Raises:
+            ValueError: For a non-positive temperature or top_p outside (0, 1].
+        """
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if mask_id < 0:
+            raise ValueError(f"mask_id must be >= 0, got {mask_id}")
+        self.mask_id = mask_id
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.use_cache = use_cache
+
+    @torch.no_grad()  # inference only: no autograd graph through the denoiser
+    def sample(
+        self,
+        denoise: Denoiser,
+        *,
+        batch_size: int | None = None,
+        seq_length: int | None = None,
+        prompt_BL: Tensor | None = None,
+        fixed_BL: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> SampleResult:
+        """Generate a batch, starting from all-[MASK] except the fixed (prompt) positions.
+
+        Args:
+            denoise: The one-pass denoiser (see module docstring).
+            batch_size: B; required without ``prompt_BL``.
+            seq_length: L; required without ``prompt_BL``.
+            prompt_BL: Given tokens, (B, L); positions where ``fixed_BL`` is True are kept
+                verbatim (prefix conditioning, infilling), the others are generated.
+            fixed_BL: Bool, (B, L); default ``prompt_BL != mask_id``.
+            generator: RNG for every draw (on the sampling device); None = global RNG.
+            device: Device of the tokens without ``prompt_BL``; default CPU.
+
+        Returns:
+            The ``SampleResult``.
+
+        Raises:
+            ValueError: On inconsistent shapes or a fixed position holding [MASK].
+        """
+        z_BL = self._initial_tokens(batch_size, seq_length, prompt_BL, fixed_BL, device)
+        run = SamplingRun(denoise, z_BL, mask_id=self.mask_id, generator=generator,
+                   use_cache=self.use_cache)
+        grid = self._run(run)
+        return SampleResult(
+            tokens_BL=run.z_BL,
+            num_calls=run.num_calls,
+            unmask_step_BL=run.unmask_step_BL,
+            grid=grid,
+            num_steps=run.num_steps,
+        )
+
+    @abc.abstractmethod
+    def _run(self, run: SamplingRun) -> Tensor | None:
+        """Run the reverse process in place on ``run``; return the grid for the result."""
+
+    def _initial_tokens(
+        self,
+        batch_size: int | None,
+        seq_length: int | None,
+        prompt_BL: Tensor | None,
+        fixed_BL: Tensor | None,
+        device: torch.device | str | None,
+    ) -> Tensor:
+        """z at t = 1: [MASK] everywhere except the fixed prompt positions, (B, L) int64."""
+        if prompt_BL is None:
+            if fixed_BL is not None:
+                raise ValueError("fixed_BL needs prompt_BL (the tokens to keep)")
+            if batch_size is None or seq_length is None or batch_size < 1 or seq_length < 1:
+                raise ValueError("give prompt_BL, or batch_size >= 1 and seq_length >= 1")
+            return torch.full((batch_size, seq_length), self.mask_id, dtype=torch.int64,
+                              device=device)
+        if prompt_BL.dim() != 2:
+            raise ValueError(f"prompt_BL must be (B, L), got shape {tuple(prompt_BL.shape)}")
+        if fixed_BL is None:
+            fixed_BL = prompt_BL != self.mask_id
+        if fixed_BL.shape != prompt_BL.shape:
+            raise ValueError("fixed_BL and prompt_BL shapes differ")
+        fixed_BL = fixed_BL.to(device=prompt_BL.device, dtype=torch.bool)
+        if bool((prompt_BL[fixed_BL] == self.mask_id).any()):
+            raise ValueError("a fixed position holds [MASK]")
+        return torch.where(fixed_BL, prompt_BL.long(), self.mask_id)
+
+    def _log_probs(self, logits_BLV: Tensor, rows_N2: Tensor) -> Tensor:
+        """Sampling log-probs at the (b, l) rows ``rows_N2``, fp64 (N, V)."""
+        logits_NV = logits_BLV[rows_N2[:, 0], rows_N2[:, 1]]
+        return sampling_log_probs(
+            logits_NV, mask_id=self.mask_id, temperature=self.temperature, top_p=self.top_p
+        )
+
+    @staticmethod
+    def _row_chunks(select_BL: Tensor) -> list[Tensor]:
+        """The selected (b, l) rows in row-major order, in chunks of <= CHUNK_ROWS, (N, 2)."""
+        return list(torch.split(torch.nonzero(select_BL), CHUNK_ROWS))
+
+    def _draw_and_commit(
+        self, run: SamplingRun, out: DenoiserOutput, select_BL: Tensor, step: int
+    ) -> None:
+        """Draw a token for each selected (masked) position from x_theta and commit it."""
+        tokens = [
+            gumbel_argmax(self._log_probs(out.logits_BLV, rows_N2), run.generator)
+            for rows_N2 in self._row_chunks(select_BL)
+        ]
+        if tokens:
+            run.commit(select_BL, torch.cat(tokens), step)
+
+    def _confidence_BL(self, out: DenoiserOutput, masked_BL: Tensor, kind: str) -> Tensor:
+        """One ``Confidence`` field per masked position, fp64 (B, L); NaN where unmasked."""
+        scores = [
+            getattr(confidence(self._log_probs(out.logits_BLV, rows_N2)), kind)
+            for rows_N2 in self._row_chunks(masked_BL)
+        ]
+        score_BL = torch.full(masked_BL.shape, math.nan, dtype=_F64, device=masked_BL.device)
+        if scores:
+            score_BL[masked_BL] = torch.cat(scores)
+        return score_BL
+
+    def _exponents_BL(
+        self, out: DenoiserOutput, reverse: ReverseSchedule | None, masked_BL: Tensor
+    ) -> Tensor:
+        """e_R for a power-law step: the denoiser's, else the constant schedule's (fp64)."""
+        if out.velocity_exponents_BL is not None:
+            return out.velocity_exponents_BL.to(_F64)
+        if reverse is None or reverse.requires_denoiser_exponents:
+            raise ValueError(
+                f"sampler {self.name!r}: the denoiser returned no velocity_exponents_BL and "
+                "no context-free reverse schedule (family= or exponent=) is configured"
+            )
+        if not isinstance(reverse, PowerReverse):
+            raise ValueError(f"sampler {self.name!r} needs a power-law reverse schedule")
+        return torch.full(masked_BL.shape, reverse.exponent, dtype=_F64, device=masked_BL.device)
+
+    def extra_repr(self) -> str:
+        """Options, for logging."""
+        return f"mask_id={self.mask_id}, temperature={self.temperature}, top_p={self.top_p}"
+
+    def __repr__(self) -> str:
+        """Name and options."""
+        return f"{type(self).__name__}({self.extra_repr()})"
