@@ -18,6 +18,7 @@ Supported layouts (anything else raises ValueError before work starts):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,7 +33,14 @@ HEAD_PREFIXES = ("fwd_head.", "rev_head.", "family.")
 
 
 class Engine(Protocol):
+    """What the loop needs from a data-parallel backend."""
+
     module: nn.Module
+
+    def forward_backward(self, data_iterator: Iterator[dict], *, step: int, num_microbatches: int, seq_length: int,
+                         micro_batch_size: int, device: torch.device, forward_only: bool = False) -> list[dict]:
+        """Forward (and backward) `num_microbatches` micro-batches; returns their loss reports."""
+        ...
 
     def zero_grad(self) -> None: ...
     def set_lr(self, multiplier: float) -> float: ...
@@ -89,6 +97,14 @@ class MegatronEngine:
         if cfg.optim.head_lr:
             overrides[heads] = ParamGroupOverride(max_lr=cfg.optim.head_lr, min_lr=cfg.optim.head_lr * cfg.optim.min_lr_ratio)
         self.optimizer = get_megatron_optimizer(opt_config, [self.module], config_overrides=overrides)
+
+    def forward_backward(self, data_iterator: Iterator[dict], *, step: int, num_microbatches: int, seq_length: int,
+                         micro_batch_size: int, device: torch.device, forward_only: bool = False) -> list[dict]:
+        from megatron_lomdm.training.step import forward_backward
+
+        return forward_backward(self.module, data_iterator, step=step, num_microbatches=num_microbatches,
+                                seq_length=seq_length, micro_batch_size=micro_batch_size, device=device,
+                                forward_only=forward_only)
 
     def zero_grad(self) -> None:
         self.module.zero_grad_buffer()

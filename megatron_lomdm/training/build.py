@@ -28,7 +28,7 @@ from megatron_lomdm.tracking.base import MetricsFile, Tracker
 from megatron_lomdm.tracking.mlflow_tracker import build_tracker
 from megatron_lomdm.training.optim import EMA
 from megatron_lomdm.training.preemption import PreemptionFlag
-from megatron_lomdm.training.step import forward_backward, reduce_reports
+from megatron_lomdm.training.step import reduce_reports
 from megatron_lomdm.utils.flops import Shape, peak_flops_of_device, step_flops
 from megatron_lomdm.utils.logging import get_logger
 
@@ -157,9 +157,9 @@ class Run:
             reports = []
             for b in range(batches):
                 # eval noise lives on negative "steps" so it never coincides with a training step
-                reports += forward_backward(self.engine.module, it, step=-1 - b, num_microbatches=self.num_microbatches,
-                                            seq_length=cfg.model.seq_length, micro_batch_size=cfg.train.micro_batch_size,
-                                            device=self.device, forward_only=True)
+                reports += self.engine.forward_backward(
+                    it, step=-1 - b, num_microbatches=self.num_microbatches, seq_length=cfg.model.seq_length,
+                    micro_batch_size=cfg.train.micro_batch_size, device=self.device, forward_only=True)
         finally:
             self.ema.swap()
             self.model.train()
