@@ -1,0 +1,660 @@
+"""Text -> token ids: input discovery and reading, record decoding, tokenizer loading and training.
+
+This is the library half of ``tools/preprocess_data.py`` and ``tools/train_tokenizer.py``.
+
+Inputs are JSONL files (one JSON object per line, the text under ``json_key``) or plain text files
+(one document per file or per line), optionally compressed (``.gz``, ``.bz2``, ``.xz``, and
+``.zst`` when the ``zstandard`` module is importable). Folders are walked recursively and globs
+expanded, both in sorted order, so the document order is deterministic.
+
+Special-token policy (recorded in the manifest by ``shards.write_shards``):
+
+* ``eos_id`` is required (documents are separated / terminated by it);
+* ``bos_id`` is optional (``None`` when the tokenizer has none);
+* ``pad_id`` falls back to ``eos_id`` when the tokenizer has no pad token; validity of a position
+  never comes from comparing with ``pad_id`` but from the stored per-sequence length;
+* ``mask_id``: the tokenizer's mask token when it has one. Otherwise ``mask_id = vocab_size`` (a
+  *virtual* id that never appears in the shards) and ``model_vocab_size = vocab_size + 1``: the
+  model must have one more embedding row than the tokenizer.
+
+Raw text never produces special ids: the tokenizer runs with ``encode_special_tokens=True``, so a
+literal ``"[MASK]"`` in a document is tokenized as ordinary text.
+"""
+
+from __future__ import annotations
+
+import bz2
+import dataclasses
+import glob
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from megatron_lomdm.utils.logging import get_logger
+
+logger = get_logger(__name__)
+
+#: Special tokens of tokenizers trained by ``train_bpe_tokenizer`` (ids 0..3 in this order).
+PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, MASK_TOKEN = "[PAD]", "[BOS]", "[EOS]", "[MASK]"
+SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, MASK_TOKEN)
+
+JSONL_SUFFIXES = frozenset({".jsonl", ".json", ".ndjson"})
+TEXT_MODES = ("file", "line")
+
+#: Reasons a record is not turned into a document. ``ERROR_REASONS`` raise unless ``skip_bad``;
+#: the others are benign and only counted.
+ERROR_REASONS = ("malformed_json", "missing_field", "field_not_string", "undecodable")
+BENIGN_REASONS = ("blank_line", "empty_text")
+
+# Conventional spellings, tried in order, when a tokenizer file says nothing about its specials.
+_CONVENTIONAL = {
+    "bos": ("[BOS]", "<s>", "<bos>", "<|begin_of_text|>", "<|endoftext|>", "[CLS]"),
+    "eos": ("[EOS]", "</s>", "<eos>", "<|end_of_text|>", "<|endoftext|>", "[SEP]"),
+    "pad": ("[PAD]", "<pad>", "<|pad|>"),
+    "mask": ("[MASK]", "<mask>", "<|mask|>"),
+}
+# Files that define a tokenizer (hashed for the manifest's tokenizer identity).
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "spiece.model",
+    "tokenizer.model",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+
+def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
+    """Expand files, folders (recursively) and globs into a sorted, de-duplicated file list.
+
+    Args:
+        paths: what the user passed as ``--input``; explicit paths keep their given order.
+
+    Returns:
+        The input files, in a deterministic order.
+
+    Raises:
+        ValueError: a path does not exist, a glob matches nothing, or nothing is left.
+    """
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            found = [path]
+        elif path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path))
+        elif glob.has_magic(str(raw)):
+            found = sorted(
+                Path(p) for p in glob.glob(str(raw), recursive=True) if Path(p).is_file()
+            )
+            if not found:
+                raise ValueError(f"input glob {str(raw)!r} matches no file")
+        else:
+            raise ValueError(f"input {str(raw)!r} does not exist")
+        files.extend(found)
+    unique = list(dict.fromkeys(p.resolve() for p in files))
+    if not unique:
+        raise ValueError(f"empty input: no file found in {[str(p) for p in paths]}")
+    return unique
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _compression(path: Path) -> str | None:
+    suffix = path.suffix.lower()
+    return suffix if suffix in (".gz", ".bz2", ".xz", ".zst") else None
+
+
+def is_jsonl(path: Path) -> bool:
+    """Whether ``path`` is read as JSONL (by its suffix, under any compression suffix)."""
+    name = path.name.lower()
+    if _compression(path):
+        name = name[: -len(path.suffix)]
+    return Path(name).suffix in JSONL_SUFFIXES
+
+
+def open_input(path: Path) -> IO[bytes]:
+    """Open an input file for binary reading, decompressing by suffix.
+
+    Raises:
+        ValueError: a ``.zst`` file while the ``zstandard`` module is not installed.
+    """
+    kind = _compression(path)
+    if kind == ".gz":
+        return gzip.open(path, "rb")
+    if kind == ".bz2":
+        return bz2.open(path, "rb")
+    if kind == ".xz":
+        return lzma.open(path, "rb")
+    if kind == ".zst":
+        try:
+            import zstandard
+        except ImportError as err:
+            raise ValueError(
+                f"{path}: reading .zst files needs the 'zstandard' module (pip install zstandard)"
+            ) from err
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
+    return open(path, "rb")
+
+
+def iter_records(path: Path, *, text_mode: str = "file") -> Iterator[tuple[int, bytes]]:
+    """Yield the raw records of one input file as ``(1-based line number, bytes)``.
+
+    JSONL files and text files in ``line`` mode give one record per line; text files in ``file``
+    mode give the whole (decompressed) file as one record at line 1.
+    """
+    if text_mode not in TEXT_MODES:
+        raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {text_mode!r}")
+    with open_input(path) as stream:
+        if is_jsonl(path) or text_mode == "line":
+            yield from enumerate(stream, start=1)
+        else:
+            yield 1, stream.read()
+
+
+class BadRecord(Exception):
+    """A record that does not give a document; ``reason`` is one of ERROR/BENIGN_REASONS."""
+
+    def __init__(self, reason: str, detail: str = "", line_offset: int = 0) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail or reason.replace("_", " ")
+        self.line_offset = line_offset
+
+
+def decode_record(raw: bytes, *, json_key: str | None, strip_newline: bool = False) -> str:
+    """Turn one raw record into document text.
+
+    Args:
+        raw: the record's bytes (a JSONL line, a text line or a whole text file).
+        json_key: the field holding the text for JSONL records; ``None`` for plain text.
+        strip_newline: drop the trailing line break (text files in ``line`` mode).
+
+    Returns:
+        The document text.
+
+    Raises:
+        BadRecord: invalid UTF-8 (``line_offset`` locates the byte within a whole file), invalid
+            JSON, a missing or non-string field, a blank line or an empty text.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadRecord(
+            "undecodable",
+            f"invalid UTF-8 byte 0x{raw[err.start]:02x} at byte {err.start}",
+            raw.count(b"\n", 0, err.start),
+        ) from None
+    text = text.removeprefix("\ufeff")
+    if strip_newline:
+        text = text.rstrip("\r\n")
+    if json_key is None and not text.strip():
+        raise BadRecord("blank_line" if strip_newline else "empty_text")
+    if json_key is not None:
+        if not text.strip():
+            raise BadRecord("blank_line")
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise BadRecord(
+                "malformed_json", f"malformed JSON ({err.msg}, column {err.colno})"
+            ) from None
+        if not isinstance(obj, dict) or json_key not in obj:
+            raise BadRecord("missing_field", f"no field {json_key!r} in the JSON record")
+        text = obj[json_key]
+        if not isinstance(text, str):
+            raise BadRecord(
+                "field_not_string", f"field {json_key!r} is {type(text).__name__}, not a string"
+            )
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRecord(
+                "undecodable", "the JSON string holds a lone surrogate escape"
+            ) from None
+    if not text.strip():
+        raise BadRecord("empty_text")
+    return text
+
+
+def iter_texts(
+    inputs: Sequence[str | Path],
+    *,
+    json_key: str = "text",
+    text_mode: str = "file",
+    skip_bad: bool = False,
+) -> Iterator[str]:
+    """Yield the documents of the inputs in order (single process; used to train tokenizers).
+
+    Raises:
+        ValueError: a bad record (``file:line``) unless ``skip_bad``, or no document at all.
+    """
+    count = 0
+    for path in expand_inputs(inputs):
+        key = json_key if is_jsonl(path) else None
+        for line, raw in iter_records(path, text_mode=text_mode):
+            try:
+                yield decode_record(
+                    raw, json_key=key, strip_newline=key is None and text_mode == "line"
+                )
+                count += 1
+            except BadRecord as bad:
+                if bad.reason in ERROR_REASONS and not skip_bad:
+                    raise ValueError(
+                        bad_record_message(path, line + bad.line_offset, bad)
+                    ) from None
+    if count == 0:
+        raise ValueError(f"empty input: no document in {[str(p) for p in inputs]}")
+
+
+def bad_record_message(path: Path | str, line: int, bad: BadRecord) -> str:
+    """The user-facing error for a bad record: ``file:line: detail``."""
+    return f"{path}:{line}: {bad.detail} [{bad.reason}]; pass --skip-bad to skip such records"
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerInfo:
+    """Identity and special ids of a tokenizer, as recorded in the manifest.
+
+    Attributes:
+        name_or_path: what the user passed (a local path is made absolute).
+        kind: ``tokenizer.json``, ``gpt2-bpe-files`` or ``transformers``.
+        vocab_size: ids the tokenizer can produce (``0..vocab_size-1``, added tokens included).
+        model_vocab_size: embedding rows the model needs: ``vocab_size``, or ``vocab_size + 1``
+            when ``mask_id`` is virtual.
+        bos_id: the begin-of-sequence id, or ``None``.
+        eos_id: the end-of-sequence / document separator id.
+        pad_id: the padding id (``eos_id`` when the tokenizer has no pad token).
+        mask_id: the ``[MASK]`` id used by the diffusion model.
+        mask_is_virtual: True when ``mask_id == vocab_size`` was appended (no mask token).
+        files_sha256: sha256 of each tokenizer file that was read (local tokenizers).
+        tokenizer_json_sha256: sha256 of the serialized tokenizer actually used.
+    """
+
+    name_or_path: str
+    kind: str
+    vocab_size: int
+    model_vocab_size: int
+    bos_id: int | None
+    eos_id: int
+    pad_id: int
+    mask_id: int
+    mask_is_virtual: bool
+    files_sha256: dict[str, str]
+    tokenizer_json_sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dict."""
+        return dataclasses.asdict(self)
+
+
+def load_tokenizer(name_or_path: str | Path) -> tuple[Any, TokenizerInfo]:
+    """Load a fast tokenizer and work out its special ids.
+
+    Accepted: a ``tokenizer.json`` file; a folder with ``tokenizer.json`` (special tokens read from
+    ``tokenizer_config.json`` / ``special_tokens_map.json`` if present, else by conventional
+    spelling); a folder with GPT-2-style ``vocab.json`` + ``merges.txt``; any other local HF
+    tokenizer folder (offline); or an HF hub name (downloaded only where the hub is reachable).
+
+    Returns:
+        ``(tokenizers.Tokenizer, TokenizerInfo)``; the tokenizer encodes special-token text as
+        plain text.
+
+    Raises:
+        ValueError: the tokenizer cannot be loaded, is not a fast tokenizer, or has no EOS token.
+    """
+    from tokenizers import Tokenizer
+
+    path = Path(name_or_path)
+    specials: dict[str, str | None] = {}
+    files: list[Path] = []
+    if path.is_file():
+        tok, kind, files = Tokenizer.from_file(str(path)), "tokenizer.json", [path]
+        specials = _read_special_tokens(path.parent)
+        files += [path.parent / n for n in ("tokenizer_config.json", "special_tokens_map.json")]
+    elif path.is_dir() and (path / "tokenizer.json").is_file():
+        tok, kind = Tokenizer.from_file(str(path / "tokenizer.json")), "tokenizer.json"
+        specials = _read_special_tokens(path)
+        files = [path / n for n in _TOKENIZER_FILES]
+    elif path.is_dir() and (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        tok, kind = _gpt2_style_bpe(path), "gpt2-bpe-files"
+        specials = _read_special_tokens(path)
+        files = [path / n for n in _TOKENIZER_FILES]
+    else:
+        tok, specials, kind = _load_with_transformers(str(name_or_path), local=path.is_dir())
+        files = [path / n for n in _TOKENIZER_FILES] if path.is_dir() else []
+    files_sha = {p.name: _sha256_file(p) for p in files if p.is_file()}
+    ident = str(path.resolve()) if path.exists() else str(name_or_path)
+    tok.no_truncation()
+    tok.no_padding()
+    info = _make_info(tok, specials, ident, kind, files_sha)
+    tok.encode_special_tokens = True
+    return tok, info
+
+
+def _make_info(
+    tok: Any, specials: dict[str, str | None], ident: str, kind: str, files_sha: dict[str, str]
+) -> TokenizerInfo:
+    ids = {role: _find_special(tok, role, specials) for role in ("bos", "eos", "pad", "mask")}
+    if ids["eos"] is None:
+        raise ValueError(
+            f"tokenizer {ident}: no end-of-sequence token found "
+            f"(tried {list(_CONVENTIONAL['eos'])}); "
+            "set eos_token in its tokenizer_config.json"
+        )
+    vocab_size = int(tok.get_vocab_size(with_added_tokens=True))
+    mask_virtual = ids["mask"] is None
+    mask_id = vocab_size if mask_virtual else ids["mask"]
+    return TokenizerInfo(
+        name_or_path=ident,
+        kind=kind,
+        vocab_size=vocab_size,
+        model_vocab_size=vocab_size + int(mask_virtual),
+        bos_id=ids["bos"],
+        eos_id=ids["eos"],
+        pad_id=ids["eos"] if ids["pad"] is None else ids["pad"],
+        mask_id=mask_id,
+        mask_is_virtual=mask_virtual,
+        files_sha256=files_sha,
+        tokenizer_json_sha256=hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest(),
+    )
+
+
+def _find_special(tok: Any, role: str, specials: dict[str, str | None]) -> int | None:
+    declared = specials.get(role)
+    if declared is not None:
+        found = tok.token_to_id(declared)
+        if found is None:
+            raise ValueError(
+                f"the tokenizer declares {role}_token={declared!r} but has no such token"
+            )
+        return int(found)
+    for spelling in _CONVENTIONAL[role]:
+        found = tok.token_to_id(spelling)
+        if found is not None:
+            return int(found)
+    return None
+
+
+def _read_special_tokens(folder: Path) -> dict[str, str | None]:
+    """Special tokens declared in ``tokenizer_config.json`` / ``special_tokens_map.json``."""
+    declared: dict[str, str | None] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        file = folder / name
+        if not file.is_file():
+            continue
+        data = json.loads(file.read_text(encoding="utf-8"))
+        for role, fallback in (("bos", "cls"), ("eos", "sep"), ("pad", None), ("mask", None)):
+            value = data.get(f"{role}_token", data.get(f"{fallback}_token") if fallback else None)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if value is not None:
+                declared.setdefault(role, value)
+    return declared
+
+
+def _gpt2_style_bpe(folder: Path) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _load_with_transformers(name: str, *, local: bool) -> tuple[Any, dict[str, str | None], str]:
+    try:
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(name, local_files_only=local)
+    except Exception as err:  # noqa: BLE001 - any loading failure is a user error here
+        raise ValueError(f"cannot load tokenizer {name!r}: {err}") from err
+    if not getattr(hf, "is_fast", False):
+        raise ValueError(f"tokenizer {name!r} is not a fast (Rust) tokenizer; convert it first")
+    specials = {
+        "bos": hf.bos_token or hf.cls_token,
+        "eos": hf.eos_token or hf.sep_token,
+        "pad": hf.pad_token,
+        "mask": hf.mask_token,
+    }
+    return (
+        hf.backend_tokenizer,
+        {k: v for k, v in specials.items() if v is not None},
+        "transformers",
+    )
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def train_bpe_tokenizer(
+    inputs: Sequence[str | Path],
+    output: str | Path,
+    *,
+    vocab_size: int,
+    json_key: str = "text",
+    text_mode: str = "file",
+    min_frequency: int = 2,
+    skip_bad: bool = False,
+) -> Path:
+    """Train a byte-level BPE tokenizer and save it as a ``PreTrainedTokenizerFast`` folder.
+
+    The special tokens ``[PAD] [BOS] [EOS] [MASK]`` get ids 0..3. The folder holds
+    ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` and loads with
+    ``transformers.PreTrainedTokenizerFast.from_pretrained`` / ``AutoTokenizer`` and with
+    ``load_tokenizer``.
+
+    Args:
+        inputs: files, folders or globs (as for preprocessing).
+        output: the folder to write (created).
+        vocab_size: target vocabulary size, special tokens and the 256 byte symbols included.
+        json_key: the text field of JSONL inputs.
+        text_mode: ``file`` or ``line`` for plain-text inputs.
+        min_frequency: minimum pair count for a merge.
+        skip_bad: skip bad records instead of raising.
+
+    Returns:
+        The output folder.
+
+    Raises:
+        ValueError: ``vocab_size`` too small, bad records (unless ``skip_bad``), empty input.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(
+            f"vocab_size={vocab_size} is below 256 byte symbols + {len(SPECIAL_TOKENS)} specials"
+        )
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = iter_texts(inputs, json_key=json_key, text_mode=text_mode, skip_bad=skip_bad)
+    tok.train_from_iterator(texts, trainer)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    special_map = {
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "pad_token": PAD_TOKEN,
+        "mask_token": MASK_TOKEN,
+    }
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": 1 << 30,
+        **special_map,
+    }
+    config["clean_up_tokenization_spaces"] = False
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(config, indent=2) + "\n", encoding="utf-8"
+    )
+    (out / "special_tokens_map.json").write_text(
+        json.dumps(special_map, indent=2) + "\n", encoding="utf-8"
+    )
+    logger.info("trained byte-level BPE: vocab %d -> %s", tok.get_vocab_size(), out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding (runs in worker processes)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class EncodedBatch:
+    """The result of encoding one batch of records of one file.
+
+    Attributes:
+        file_index: index of the input file.
+        ids: the raw token ids of all good documents, concatenated (no BOS/EOS), int32.
+        lengths: tokens per good document, int64.
+        to_valid: per good document, whether the split hash sends it to the valid split.
+        num_bytes: raw bytes of all records in the batch.
+        rejected: ``(line, reason, detail)`` for every record that gave no document.
+    """
+
+    file_index: int
+    ids: np.ndarray
+    lengths: np.ndarray
+    to_valid: np.ndarray
+    num_bytes: int
+    rejected: list[tuple[int, str, str]]
+
+
+class DocumentEncoder:
+    """Decode records, tokenize them and assign each document to the train or valid split.
+
+    The split is decided by a seeded hash of the document text, so it does not depend on the
+    worker count, the batch size or the order of the inputs, and duplicated documents always
+    land in the same split.
+    """
+
+    def __init__(
+        self, tokenizer_json: str, *, json_key: str, valid_fraction: float, seed: int
+    ) -> None:
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        self.tokenizer.encode_special_tokens = True
+        self.json_key = json_key
+        self.valid_fraction = valid_fraction
+        self.hash_key = hashlib.sha256(f"split-seed:{seed}".encode()).digest()[:32]
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def in_valid(self, text: str) -> bool:
+        """Whether the seeded document hash sends ``text`` to the valid split."""
+        if self.valid_fraction <= 0.0:
+            return False
+        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=self.hash_key).digest()
+        return int.from_bytes(digest, "little") / 2.0**64 < self.valid_fraction
+
+    def encode(
+        self,
+        file_index: int,
+        json_mode: bool,
+        strip_newline: bool,
+        records: list[tuple[int, bytes]],
+    ) -> EncodedBatch:
+        """Encode one batch of ``(line, raw bytes)`` records of one file."""
+        texts: list[str] = []
+        rejected: list[tuple[int, str, str]] = []
+        for line, raw in records:
+            try:
+                texts.append(
+                    decode_record(
+                        raw,
+                        json_key=self.json_key if json_mode else None,
+                        strip_newline=strip_newline,
+                    )
+                )
+            except BadRecord as bad:
+                rejected.append((line + bad.line_offset, bad.reason, bad.detail))
+        encodings = (
+            self.tokenizer.encode_batch_fast(texts, add_special_tokens=False) if texts else []
+        )
+        pieces = [np.asarray(enc.ids, dtype=np.int32) for enc in encodings]
+        ids = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+        if ids.size and int(ids.max()) >= self.vocab_size:
+            raise RuntimeError(
+                f"tokenizer produced id {int(ids.max())} >= its vocab size {self.vocab_size}"
+            )
+        return EncodedBatch(
+            file_index=file_index,
+            ids=ids,
+            lengths=np.array([len(p) for p in pieces], dtype=np.int64),
+            to_valid=np.array([self.in_valid(t) for t in texts], dtype=bool),
+            num_bytes=sum(len(raw) for _, raw in records),
+            rejected=rejected,
+        )
+
+
+_WORKER_ENCODER: DocumentEncoder | None = None
+
+
+def init_worker(tokenizer_json: str, json_key: str, valid_fraction: float, seed: int) -> None:
+    """Pool initializer: build this worker's encoder (single-threaded Rust tokenizer)."""
+    global _WORKER_ENCODER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER_ENCODER = DocumentEncoder(
+        tokenizer_json, json_key=json_key, valid_fraction=valid_fraction, seed=seed
+    )
+
+
+def encode_in_worker(task: tuple[int, bool, bool, list[tuple[int, bytes]]]) -> EncodedBatch:
+    """Pool task: encode one batch with the worker's encoder."""
+    assert _WORKER_ENCODER is not None, "init_worker was not run in this process"
+    return _WORKER_ENCODER.encode(*task)
+
+
+def batched_records(
+    files: Iterable[Path], *, text_mode: str, max_docs: int, max_bytes: int
+) -> Iterator[tuple[int, bool, bool, list[tuple[int, bytes]]]]:
+    """Group the records of each file into encoder tasks (a task never spans two files)."""
+    for file_index, path in enumerate(files):
+        json_mode = is_jsonl(path)
+        strip = not json_mode and text_mode == "line"
+        batch: list[tuple[int, bytes]] = []
+        size = 0
+        for line, raw in iter_records(path, text_mode=text_mode):
+            batch.append((line, raw))
+            size += len(raw)
+            if len(batch) >= max_docs or size >= max_bytes:
+                yield file_index, json_mode, strip, batch
+                batch, size = [], 0
+        if batch:
+            yield file_index, json_mode, strip, batch

@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+r"""Raw text (JSONL / plain text, files, folders, globs) -> tokenized WebDataset shards + manifest.
+
+Thin CLI over ``megatron_lomdm.data.shards.write_shards``; see its docstring for the format,
+layouts and restart semantics (a rerun into an interrupted output starts over; a complete output
+is only replaced with --overwrite).
+
+Example:
+    python tools/preprocess_data.py --input data/owt/*.jsonl --output-dir shards/owt \
+        --tokenizer gpt2 --seq-length 1024 --layout packed --workers 16 --valid-fraction 0.01
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_lomdm.data.shards import LAYOUTS, write_shards  # noqa: E402
+from megatron_lomdm.data.tokenize import TEXT_MODES  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="files, folders or globs (.jsonl/.json/.ndjson or text; .gz/.bz2/.xz/.zst)",
+    )
+    p.add_argument("--output-dir", required=True, help="folder to create")
+    p.add_argument(
+        "--tokenizer", required=True, help="tokenizer.json, a tokenizer folder, or an HF hub name"
+    )
+    p.add_argument("--seq-length", type=int, required=True, help="tokens per sequence")
+    p.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        required=True,
+        help="packed (docs joined, cut) or padded (one doc per row)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=1, help="tokenizer processes (0: in the main process)"
+    )
+    p.add_argument(
+        "--valid-fraction", type=float, default=0.0, help="fraction of documents in the valid split"
+    )
+    p.add_argument("--json-key", default="text", help="text field of JSONL records")
+    p.add_argument(
+        "--text-mode",
+        choices=TEXT_MODES,
+        default="file",
+        help="plain text: one document per file or per line",
+    )
+    p.add_argument("--shard-size-mb", type=float, default=128.0, help="target shard size")
+    p.add_argument(
+        "--skip-bad", action="store_true", help="skip and count bad records instead of failing"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/valid split hash")
+    p.add_argument(
+        "--frame-chunks",
+        action="store_true",
+        help="packed rows as [BOS] + L-2 tokens + [EOS] (MDLM wrap)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing complete output folder"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the preprocessing; returns the exit status."""
+    args = parse_args(argv)
+    try:
+        write_shards(
+            args.input,
+            args.output_dir,
+            tokenizer=args.tokenizer,
+            seq_length=args.seq_length,
+            layout=args.layout,
+            workers=args.workers,
+            valid_fraction=args.valid_fraction,
+            json_key=args.json_key,
+            text_mode=args.text_mode,
+            shard_size_mb=args.shard_size_mb,
+            skip_bad=args.skip_bad,
+            seed=args.seed,
+            frame_chunks=args.frame_chunks,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            command=[sys.executable, *sys.argv],
+        )
+    except ValueError as err:
+        print(f"preprocess_data.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
