@@ -1,0 +1,400 @@
+"""HF export / import (issue 10, point 5): native checkpoints of any TP x PP layout <-> the
+self-contained ``trust_remote_code`` model of ``megatron_lomdm.checkpoint.hf_modeling``.
+
+One tiny lomdm training run per layout (module-scoped): TP=1 (one process), TP=2 (torchrun) and
+PP=2 (the TP=1 checkpoint split into two stage files by ``split_pp2`` below, the inverse of the
+converter's merge). Exports are verified against the native model rebuilt at TP=1; the HF side is
+always loaded in a fresh process with ``trust_remote_code=True`` and no project imports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megatron_lomdm.checkpoint import hf_export
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = "configs/experiments/tiny_cpu.yaml"
+STEPS = 4
+
+
+def _env(hf_home: Path) -> dict[str, str]:
+    env = hf_export.fresh_process_env(hf_home)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for key in ("SLURM_PROCID", "SLURM_NTASKS"):
+        env.pop(key, None)
+    return env
+
+
+def _run(cmd: list[str], hf_home: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=ROOT, env=_env(hf_home), capture_output=True, text=True,
+                         timeout=timeout, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, f"{cmd}\n{out.stderr[-4000:]}"
+    return out
+
+
+def _train(run_dir: Path, shards: Path, hf_home: Path, *overrides: str, nproc: int = 1) -> None:
+    launcher = [sys.executable, "-m", "megatron_lomdm.train"]
+    if nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={nproc}", "-m", "megatron_lomdm.train"]
+    _run([*launcher, "--config", TINY, f"run.dir={run_dir}", f"data.train={shards}",
+          f"train.steps={STEPS}", "checkpoint.interval=0", *overrides], hf_home)
+
+
+def split_pp2(shard: dict, num_layers: int) -> list[dict]:
+    """Test helper: one TP=1/PP=1 shard -> two pipeline-stage shards (the stage key scheme).
+
+    Stage 0: embedding + layers [0, n/2) as local 0..; stage 1: layers [n/2, n) as local 0..,
+    final LayerNorm, LM head, heads and family. Stage 0 also gets a *stale* copy of the heads
+    (zeros), as real PP runs hold an untrained copy there: the merge must take the last stage's.
+    """
+    half = num_layers // 2
+
+    def place(key: str) -> tuple[int, str]:
+        m = re.match(r"^backbone\.decoder\.layers\.(\d+)\.(.+)$", key)
+        if m:
+            layer = int(m.group(1))
+            stage = int(layer >= half)
+            return stage, f"backbone.decoder.layers.{layer - stage * half}.{m.group(2)}"
+        return (0 if key.startswith("backbone.embedding.") else 1), key
+
+    stages = [{"ema": {"decay": shard["ema"]["decay"], "shadow": {}}} for _ in range(2)]
+    if "model" in shard:  # the older rank-file format also held the live weights
+        for stage in stages:
+            stage["model"] = {}
+    for part in ("model", "ema"):
+        if part not in shard:
+            continue
+        source = shard[part]["shadow"] if part == "ema" else shard[part]
+        for key, value in source.items():
+            stage, local = place(key)
+            targets = [(stage, value)]
+            if not key.startswith("backbone.") and stage == 1:
+                targets.append((0, torch.zeros_like(value)))  # stale stage-0 copy of a head
+            for p, v in targets:
+                (stages[p]["ema"]["shadow"] if part == "ema" else stages[p][part])[local] = v
+    return stages
+
+
+@pytest.fixture(scope="module")
+def hf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("hf_home")
+
+
+@pytest.fixture(scope="module")
+def tp1_run(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory, hf_home: Path) -> Path:
+    run_dir = tmp_path_factory.mktemp("tp1") / "run"
+    # ema_decay=0: the EMA equals the live weights, so the --no-ema path (dist/) can be checked
+    _train(run_dir, tiny_shards, hf_home, "optim.ema_decay=0.0", f"train.eval_interval={STEPS}",
+           "train.eval_batches=1")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def tp1_export(tp1_run: Path, hf_home: Path) -> tuple[Path, dict]:
+    """The TP=1 run exported through the CLI with --verify (EMA weights)."""
+    out = tp1_run.parent / "hf"
+    proc = _run([sys.executable, "tools/convert_to_hf.py", "--run-dir", str(tp1_run),
+                 "--output", str(out), "--verify"], hf_home)
+    return out, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _check_export_folder(out: Path) -> None:
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "modeling_lomdm.py", "configuration_lomdm.py",
+            "README.md", "tokenizer.json", "tokenizer_config.json"} <= names, names
+    assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names), names
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_lomdm.LoMDMForMaskedDiffusion"
+    assert config["auto_map"]["AutoConfig"] == "configuration_lomdm.LoMDMConfig"
+    assert config["family"] == "lomdm" and config["mask_id"] == 3 and config["vocab_size"] == 512
+    modeling = (out / "modeling_lomdm.py").read_text()
+    assert "megatron" not in re.sub(r'""".*?"""|#.*', "", modeling, flags=re.S).lower()
+    assert not list(out.parent.glob(f".{out.name}.tmp-*")), "temp folder left behind"
+
+
+def test_export_verify_tp1(tp1_export: tuple[Path, dict]) -> None:
+    out, result = tp1_export
+    _check_export_folder(out)
+    assert result["step"] == STEPS and result["ema"] and result["source_tp_pp"] == [1, 1]
+    diffs = result["max_abs_diff"]
+    assert set(diffs) == {"logits", "last_hidden_state", "reverse_exponents"}
+    assert max(diffs.values()) < 1e-5, diffs
+    card = (out / "README.md").read_text()
+    assert f"| training steps (checkpoint) | {STEPS} |" in card
+    assert f"Validation at step {STEPS}: NELBO" in card and "Verified against" in card
+    assert re.search(r"\| data manifest fingerprint \| [0-9a-f]{64} \|", card)
+
+
+@pytest.mark.slow
+def test_export_verify_tp2(tiny_shards: Path, tmp_path: Path, hf_home: Path) -> None:
+    run_dir = tmp_path / "run"
+    _train(run_dir, tiny_shards, hf_home, "parallel.tp=2", nproc=2)
+    shard = torch.load(run_dir / "checkpoints" / f"step_{STEPS:07d}" / "rank_001_000.pt",
+                       weights_only=True)
+    vocab_rows = shard["ema"]["shadow"]["backbone.output_layer.weight"].shape[0]
+    assert vocab_rows == 256  # a real vocabulary split
+    result = hf_export.export_run(run_dir, tmp_path / "hf", verify=True)
+    _check_export_folder(tmp_path / "hf")
+    assert result.source_layout == (2, 1)
+    assert max(result.max_abs_diff.values()) < 1e-5, result.max_abs_diff
+
+
+def test_export_verify_pp2(tp1_run: Path, tp1_export: tuple[Path, dict], tmp_path: Path) -> None:
+    from megatron_lomdm.config import load_config, save_config
+    from megatron_lomdm.config.load import replace
+
+    cfg = load_config(tp1_run / "config.yaml")
+    pp_run = tmp_path / "run"
+    save_config(replace(cfg, run={"dir": str(pp_run)}, parallel={"pp": 2}), pp_run / "config.yaml")
+    folder = pp_run / "checkpoints" / f"step_{STEPS:07d}"
+    folder.mkdir(parents=True)
+    src = tp1_run / "checkpoints" / f"step_{STEPS:07d}"
+    stages = split_pp2(torch.load(src / "rank_000_000.pt", weights_only=True), cfg.model.num_layers)
+    for p, stage in enumerate(stages):
+        torch.save(stage, folder / f"rank_000_{p:03d}.pt")
+    torch.save({"step": STEPS, "tp": 1, "pp": 2, "format": 1}, folder / "meta.pt")
+    (pp_run / "checkpoints" / "latest").write_text(folder.name + "\n")
+
+    result = hf_export.export_run(pp_run, tmp_path / "hf", verify=True)
+    assert result.source_layout == (1, 2)
+    assert max(result.max_abs_diff.values()) < 1e-5, result.max_abs_diff
+    # the merge is the exact inverse of the split: same tensors as the TP=1 export
+    ref = load_file(str(tp1_export[0] / "model.safetensors"))
+    got = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert set(ref) == set(got)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+_GENERATE = r"""
+import json, sys, torch
+from transformers import AutoModel
+model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True, local_files_only=True).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+calls = []
+model.model.register_forward_hook(lambda *a: calls.append(1))
+out = model.generate(num_samples=4, steps=12, seed=7, return_dict=True)
+again = model.generate(num_samples=4, steps=12, seed=7)
+same = bool(torch.equal(out["sequences"], again))
+print(json.dumps({"ids": out["sequences"].tolist(), "same": same, "num_calls": out["num_calls"],
+                  "num_steps": out["num_steps"], "hooked": len(calls)}))
+"""
+
+
+def test_hf_generate_fresh_process(tp1_export: tuple[Path, dict], hf_home: Path) -> None:
+    out = _run([sys.executable, "-c", _GENERATE, str(tp1_export[0])], hf_home)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    ids = torch.tensor(res["ids"])
+    assert ids.shape == (4, 32)
+    assert not bool((ids == 3).any()), "a [MASK] was left"
+    assert bool((ids >= 0).all()) and bool((ids < 512).all())
+    assert res["same"], "the same seed must give the same samples"
+    assert 1 <= res["num_calls"] <= res["num_steps"] <= 12
+    assert res["hooked"] == 2 * res["num_calls"]  # one backbone call per (uncached) step
+
+
+def test_hf_native_roundtrip_exact(tp1_export: tuple[Path, dict], tiny_shards: Path,
+                                   tmp_path: Path, hf_home: Path) -> None:
+    """HF -> native run dir -> HF is bit-exact, and the imported run fine-tunes."""
+    run_dir = tmp_path / "imported"
+    _run([sys.executable, "tools/convert_to_hf.py", "--from-hf", str(tp1_export[0]),
+          "--to-run-dir", str(run_dir), f"data.train={tiny_shards}"], hf_home)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000000"
+    hf_export.export_run(run_dir, tmp_path / "hf2")
+    ref = load_file(str(tp1_export[0] / "model.safetensors"))
+    got = load_file(str(tmp_path / "hf2" / "model.safetensors"))
+    assert set(ref) == set(got)
+    for key in ref:
+        assert ref[key].dtype == got[key].dtype and torch.equal(ref[key], got[key]), key
+    # the live weights saved through dist_checkpointing are the export's too
+    live = hf_export.load_native_checkpoint(run_dir, ema=False).state_dict
+    live_hf = hf_export.native_to_hf(live, vocab_size=512)
+    assert set(live_hf) == set(ref) and all(torch.equal(v, ref[k]) for k, v in live_hf.items())
+    # fine-tuning resumes from the imported step-0 checkpoint
+    _run([sys.executable, "-m", "megatron_lomdm.train", "--config", str(run_dir / "config.yaml"),
+          "train.steps=1"], hf_home)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000001"
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 1 and record["nelbo"] > 0
+
+
+def test_hf_reverse_exponents_match_native(tp1_run: Path, tp1_export: tuple[Path, dict]) -> None:
+    """The export's features and reverse-head exponents equal the native DiffusionLM's."""
+    from megatron_lomdm.checkpoint.hf_modeling import LoMDMForMaskedDiffusion
+    from megatron_lomdm.config import load_config
+
+    cfg = load_config(tp1_run / "config.yaml")
+    ckpt = hf_export.load_native_checkpoint(tp1_run)
+    hf = LoMDMForMaskedDiffusion.from_pretrained(tp1_export[0]).eval()
+    batch = hf_export.verification_batch(vocab_size=512, mask_id=3, pad_id=0, seq_length=32,
+                                         seed=1)
+    ids, valid = batch["input_ids"], batch["attention_mask"].bool()
+    with hf_export.native_session(cfg.train.seed):
+        model = hf_export.build_native_tp1(cfg, ckpt.state_dict)
+        with torch.no_grad():
+            _, hidden = model.backbone(ids, valid)
+            rev_logits = model.rev_head(hidden, valid).view(1, *ids.shape)
+            t_KB = torch.full((1, ids.shape[0]), 0.5)
+            velocity = model.family.reverse_velocity(t_KB=t_KB, rev_logits_KBL=rev_logits,
+                                                     valid_BL=valid)
+        with torch.no_grad():
+            out = hf(input_ids=ids, attention_mask=batch["attention_mask"])
+    assert hf.config.c1 == 0.7 and hf.config.c2 == 0.65
+    torch.testing.assert_close(out.last_hidden_state, hidden)
+    torch.testing.assert_close(out.reverse_exponents, velocity[0] * 0.5)
+    assert float(out.reverse_exponents.std()) > 0  # the trained head is not constant
+
+
+def test_hf_generate_matches_native_sampler(tp1_run: Path, tp1_export: tuple[Path, dict]) -> None:
+    """``generate`` is the project's ancestral sampler: same seed, same tokens, same calls."""
+    from megatron_lomdm.checkpoint.hf_modeling import LoMDMForMaskedDiffusion
+    from megatron_lomdm.config import load_config
+    from megatron_lomdm.sampling.ancestral import AncestralSampler
+    from megatron_lomdm.sampling.base import denoiser_from_backbone
+
+    cfg = load_config(tp1_run / "config.yaml")
+    ckpt = hf_export.load_native_checkpoint(tp1_run)
+    hf = LoMDMForMaskedDiffusion.from_pretrained(tp1_export[0]).eval()
+    with hf_export.native_session(cfg.train.seed):
+        model = hf_export.build_native_tp1(cfg, ckpt.state_dict)
+        denoise = denoiser_from_backbone(lambda z: model.backbone(z), family=model.family,
+                                         rev_head=model.rev_head)
+        for steps in (1, 10, 40):
+            ref = AncestralSampler(mask_id=3, num_steps=steps, family=model.family).sample(
+                denoise, batch_size=3, seq_length=32, generator=torch.Generator().manual_seed(3))
+            got = hf.generate(num_samples=3, steps=steps, seed=3, return_dict=True)
+            assert torch.equal(got["sequences"], ref.tokens_BL), steps
+            assert got["num_calls"] == ref.num_calls, steps
+
+
+@pytest.mark.parametrize("family", ["genmd4", "bd3lm"])
+def test_export_other_families(family: str, tp1_run: Path, tmp_path: Path) -> None:
+    """GenMD4 (token exponents) and BD3LM (slot schedule): verified export, and ``generate``
+    equals the native ancestral sampler. The weights are a fresh random init (no training)."""
+    from megatron_lomdm.checkpoint.hf_modeling import LoMDMForMaskedDiffusion
+    from megatron_lomdm.config import load_config, save_config
+    from megatron_lomdm.config.load import replace
+    from megatron_lomdm.sampling.ancestral import AncestralSampler
+    from megatron_lomdm.sampling.base import denoiser_from_backbone
+
+    run_dir = tmp_path / "run"
+    cfg = replace(load_config(tp1_run / "config.yaml"), run={"dir": str(run_dir)},
+                  diffusion={"name": family, "block_size": 8})
+    save_config(cfg, run_dir / "config.yaml")
+    folder = run_dir / "checkpoints" / "step_0000000"
+    folder.mkdir(parents=True)
+    with hf_export.native_session(cfg.train.seed):
+        model = hf_export.build_native_tp1(cfg, None)
+        if family == "genmd4":
+            with torch.no_grad():
+                model.family.raw_exponent_V.normal_(0.0, 1.0)
+        shadow = {k: v.detach().float().clone() for k, v in model.named_parameters()}
+        torch.save({"ema": {"decay": 0.0, "shadow": shadow}}, folder / "rank_000_000.pt")
+        denoise = denoiser_from_backbone(lambda z: model.backbone(z), family=model.family)
+        ref = AncestralSampler(mask_id=3, num_steps=9, family=model.family).sample(
+            denoise, batch_size=3, seq_length=32, generator=torch.Generator().manual_seed(2))
+    torch.save({"step": 0, "tp": 1, "pp": 1, "format": 1}, folder / "meta.pt")
+    (run_dir / "checkpoints" / "latest").write_text(folder.name + "\n")
+
+    result = hf_export.export_run(run_dir, tmp_path / "hf", verify=True)
+    expected = {"logits", "last_hidden_state"}
+    if family == "genmd4":
+        expected.add("reverse_exponents")
+    assert set(result.max_abs_diff) == expected
+    assert max(result.max_abs_diff.values()) < 1e-5, result.max_abs_diff
+    hf = LoMDMForMaskedDiffusion.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.family == family
+    got = hf.generate(num_samples=3, steps=9, seed=2, return_dict=True)
+    assert torch.equal(got["sequences"], ref.tokens_BL)
+    assert got["num_calls"] == ref.num_calls
+
+
+def test_failed_verification_publishes_nothing(tp1_run: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    def wrong(export_dir: Path, batch: dict) -> dict:
+        return {"logits": torch.zeros(3, 32, 512), "last_hidden_state": torch.zeros(3, 32, 64),
+                "reverse_exponents": torch.zeros(3, 32)}
+
+    monkeypatch.setattr(hf_export, "run_fresh_process", wrong)
+    with pytest.raises(hf_export.ExportVerificationError, match="logits"):
+        hf_export.export_run(tp1_run, tmp_path / "hf", verify=True)
+    assert not os.listdir(tmp_path), "a failed export must leave nothing behind"
+
+
+def test_adapter_trims_and_restores_vocab_padding() -> None:
+    """Synthetic TP=2 x PP=2 shards with a padded vocabulary: merge, trim, split back."""
+    V, Vp, D, F, layers = 500, 512, 8, 32, 4
+    gen = torch.Generator().manual_seed(0)
+    full = {"backbone.embedding.word_embeddings.weight": torch.randn(Vp, D, generator=gen),
+            "backbone.output_layer.weight": torch.randn(Vp, D, generator=gen),
+            "backbone.decoder.final_layernorm.weight": torch.randn(D, generator=gen),
+            "backbone.decoder.final_layernorm.bias": torch.randn(D, generator=gen),
+            "family.raw_exponent_V": torch.randn(V, generator=gen)}
+    for i in range(layers):
+        p = f"backbone.decoder.layers.{i}."
+        full.update({p + "self_attention.linear_qkv.weight": torch.randn(3 * D, D, generator=gen),
+                     p + "self_attention.linear_qkv.bias": torch.randn(3 * D, generator=gen),
+                     p + "self_attention.linear_proj.weight": torch.randn(D, D, generator=gen),
+                     p + "mlp.linear_fc2.weight": torch.randn(D, F, generator=gen),
+                     p + "mlp.linear_fc1.layer_norm_weight": torch.randn(D, generator=gen)})
+    shards = hf_export.split_native_state_dict(full, tp=2, pp=2)
+    assert shards[(1, 1)]["backbone.output_layer.weight"].shape == (Vp // 2, D)
+    assert "backbone.decoder.layers.1.mlp.linear_fc2.weight" in shards[(0, 1)]  # local numbering
+    shards[(0, 0)]["backbone.embedding.word_embeddings._extra_state"] = None
+    merged = hf_export.merge_native_shards(shards, tp=2, pp=2)
+    canonical = {hf_export.canonical_native_key(k): v for k, v in full.items()}
+    assert set(merged) == set(canonical)
+    assert all(torch.equal(merged[k], canonical[k]) for k in merged)
+    hf_sd = hf_export.native_to_hf(merged, vocab_size=V)
+    assert hf_sd["lm_head.weight"].shape == (V, D) and hf_sd["token_exponent_raw"].shape == (V,)
+    assert "model.layers.3.post_attention_layernorm.weight" in hf_sd
+    back = hf_export.hf_to_native(hf_sd)
+    template = {k: torch.empty_like(v) for k, v in shards[(1, 0)].items()}
+    sliced = hf_export.slice_for_rank(template, back, tp_rank=1, tp=2, layer_numbers=[0, 1],
+                                      vocab_size=V)
+    emb = sliced["backbone.embedding.word_embeddings.weight"]
+    ref_emb = canonical["backbone.embedding.word_embeddings.weight"]
+    assert torch.equal(emb[: V - Vp // 2], ref_emb[Vp // 2: V])
+    assert not bool(emb[V - Vp // 2:].any()), "padding rows are zero-filled"
+    for key in ("backbone.decoder.layers.1.self_attention.linear_qkv.weight",
+                "backbone.decoder.layers.0.mlp.linear_fc2.weight"):
+        assert torch.equal(sliced[key], shards[(1, 0)][key])
+    with pytest.raises(ValueError, match="differs between TP ranks"):
+        bad = {k: dict(v) for k, v in shards.items()}
+        bad[(1, 1)]["family.raw_exponent_V"] = bad[(1, 1)]["family.raw_exponent_V"] + 1
+        hf_export.merge_native_shards(bad, tp=2, pp=2)
+
+
+def test_export_no_ema_reads_dist_checkpoint(tp1_run: Path, tp1_export: tuple[Path, dict],
+                                             tmp_path: Path) -> None:
+    """--no-ema reads the live weights from the dist_checkpointing part (= EMA at decay 0)."""
+    result = hf_export.export_run(tp1_run, tmp_path / "hf", ema=False)
+    assert not result.ema
+    ref = load_file(str(tp1_export[0] / "model.safetensors"))
+    got = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert set(ref) == set(got) and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_cli_rejects_bad_arguments(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import convert_to_hf
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    with pytest.raises(SystemExit):
+        convert_to_hf.parse_args(["--run-dir", "x"])
+    with pytest.raises(SystemExit):
+        convert_to_hf.parse_args(["--run-dir", "x", "--output", "y", "--from-hf", "z"])
+    assert convert_to_hf.main(["--run-dir", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
+    shutil.rmtree(tmp_path / "o", ignore_errors=True)
