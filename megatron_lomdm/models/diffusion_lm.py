@@ -3,8 +3,10 @@
 `DiffusionLM.forward` runs the whole two-phase step of method.md §3.4 for one micro-batch and
 returns `LossTerms`; the family decides which parts run (no family names here):
 
-1. phase one (families with `needs_clean_features`, i.e. LoMDM): the backbone on clean x under
-   no_grad gives f(x); the forward head g_phi turns it into per-position logits (grad to phi);
+1. phase one (families with `needs_clean_features`, i.e. LoMDM; driven by `training.step`, which
+   pipelines it like any forward pass): the backbone on clean x under no_grad gives f(x) on the
+   last stage; the forward head g_phi turns it into per-position logits (graph to phi kept); the
+   logits' values are broadcast to every pipeline stage so masks are drawn where tokens enter;
 2. the forward schedule at the sample's time t; K corruptions drawn from counter-based uniforms
    (a function of seed, step and the sample's index in the global batch only);
 3. phase two: one batched backbone pass over the K*B corruptions -> vocab-parallel logits and
@@ -60,6 +62,16 @@ class DiffusionLM(MegatronModule):
         self.global_batch_size = global_batch_size
         self.eps_t = eps_t
         self.model_type = backbone.model_type
+        self.pre_process = backbone.pre_process  # megatron's pipeline schedules look these up
+        self.post_process = backbone.post_process
+        self.share_embeddings_and_output_weights = False  # untied: nothing to sync across stages
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Megatron's default, minus the family parameters off the last stage (they are copies there)."""
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if not self.post_process:
+            sd = {k: v for k, v in sd.items() if not k.startswith(f"{prefix}family.")}
+        return sd
 
     def set_input_tensor(self, input_tensor: Tensor | list[Tensor] | None) -> None:
         """Pipeline hook: the activation received from the previous stage goes to the backbone."""
@@ -78,26 +90,48 @@ class DiffusionLM(MegatronModule):
         u_B = time_uniforms(seed=self.seed, step=step, index_B=index_B)
         return low_discrepancy_t(u_B, index_B, self.global_batch_size, eps=self.eps_t)
 
-    def forward(self, tokens_BL: Tensor, valid_BL: Tensor, index_B: Tensor, step: int) -> tuple[LossTerms, dict[str, Tensor]]:
+    def clean_features(self, tokens_BL: Tensor, valid_BL: Tensor) -> Tensor:
+        """Phase one: the backbone on clean x (the caller disables grad). On the last pipeline stage
+        the final hidden states f(x) [B, L, D]; elsewhere this stage's output activations."""
+        out = self.backbone(tokens_BL, valid_BL, compute_logits=False)
+        return out[1] if self.backbone.post_process else out
+
+    def forward_head_logits(self, hidden_x_BLD: Tensor, valid_BL: Tensor) -> Tensor:
+        """g_phi on stop-grad clean features; the graph to phi is kept for phase two's backward."""
+        return self.fwd_head(hidden_x_BLD.detach(), valid_BL)  # stop-grad: f(x) (method.md §3.1)
+
+    def forward(self, tokens_BL: Tensor, valid_BL: Tensor, index_B: Tensor, step: int,
+                fwd_logits_BL: Tensor | None = None) -> tuple[LossTerms, dict[str, Tensor]] | Tensor:
+        """Phase two on this pipeline stage.
+
+        Every stage derives t, the forward schedule and the masks (cheap, and identical everywhere
+        because the noise is counter-based and `fwd_logits_BL` is the same tensor on all stages);
+        the first stage embeds the corruptions, the last computes the loss.
+
+        Args:
+            tokens_BL, valid_BL: the clean micro-batch and its non-pad mask.
+            index_B: each sequence's index in the global batch (fixes its noise).
+            step: optimizer step (negative for evaluation noise).
+            fwd_logits_BL: forward-head logits from phase one (families with
+                `needs_clean_features`); with the graph to phi on the last stage.
+        Returns:
+            On the last stage (LossTerms, diagnostics); elsewhere the stage's output activations.
+        """
         family = self.family
         B, L = tokens_BL.shape
         K = family.num_corruptions
         t_B = self.draw_time(index_B, step)
-
-        fwd_logits_BL = None
-        if family.needs_clean_features:
-            with torch.no_grad():  # stop-grad: f(x) features of the clean sequence (method.md §3.1)
-                _, hidden_x_BLD = self.backbone(tokens_BL, valid_BL, compute_logits=False)
-            fwd_logits_BL = self.fwd_head(hidden_x_BLD, valid_BL)
         sched = family.forward_schedule(x_BL=tokens_BL, t_B=t_B, fwd_logits_BL=fwd_logits_BL, valid_BL=valid_BL)
-
         u_KBL = mask_uniforms(seed=self.seed, step=step, index_B=index_B, num_corruptions=K, seq_length=L)
         mask_KBL = family.sample_masks(sched, u_KBL) & valid_BL  # pads are never masked
         z_KBL = torch.where(mask_KBL, self.mask_id, tokens_BL.expand(K, B, L))
 
         z_NL = z_KBL.reshape(K * B, L)
         valid_NL = valid_BL.repeat(K, 1)
-        logits_NLV, hidden_NLD = self.backbone(z_NL, valid_NL)
+        out = self.backbone(z_NL, valid_NL)
+        if not self.backbone.post_process:
+            return out
+        logits_NLV, hidden_NLD = out
         x_NL = tokens_BL.repeat(K, 1)
         logp_true_KBL = subs_logp_true_vocab_parallel(
             logits_NLV, z_NL, x_NL, self.mask_id, vocab_size=self.backbone.true_vocab_size
@@ -120,6 +154,9 @@ class DiffusionLM(MegatronModule):
             velocity_hat_KBL=velocity_hat_KBL, log_q_KB=log_q_KB, valid_BL=valid_BL,
         )
         return terms, order_diagnostics(sched, mask_KBL, logp_true_KBL, valid_BL)
+
+
+DIAG_KEYS = ("exp_n", "exp_sum", "exp_sq", "corr_n", "corr_a", "corr_c", "corr_aa", "corr_cc", "corr_ac")
 
 
 @torch.no_grad()

@@ -90,10 +90,16 @@ def build_model(cfg: Config, info: ParallelInfo) -> DiffusionLM:
     )
     # Heads are built with the default RNG, which init_distributed seeds identically on every rank,
     # so they start bit-identical across TP ranks (and DP ranks).
+    # Heads live on the last pipeline stage, where the features they read are.
+    last = parallel_state.is_pipeline_last_stage()
     heads = (SchedulerHead(m.hidden_size, m.head_num_heads or m.num_heads, m.head_dropout),
              SchedulerHead(m.hidden_size, m.head_num_heads or m.num_heads, m.head_dropout))
-    fwd_head = heads[0] if family.needs_clean_features else None
-    rev_head = heads[1] if family.needs_reverse_head else None
+    fwd_head = heads[0] if family.needs_clean_features and last else None
+    rev_head = heads[1] if family.needs_reverse_head and last else None
+    if not last:
+        # The family's learnable exponents (GenMD4) train on the last stage; other stages draw masks
+        # with copies that `training.step` refreshes from it every step.
+        family.requires_grad_(False)
     model = DiffusionLM(backbone, family, fwd_head, rev_head, mask_id=m.mask_id, seed=cfg.train.seed,
                         global_batch_size=cfg.train.global_batch_size, eps_t=d.eps_t)
     return model.to(info.device)

@@ -1,8 +1,10 @@
 """One optimizer step's forward/backward through megatron-core's schedules.
 
-`forward_step(step, data_iterator, model) -> (output, partial(loss_func, terms))` is the
-megatron-core contract, so the same code runs under `get_forward_backward_func()` for any
-pipeline layout. Losses are token sums (`config.calculate_per_token_loss=True`); after the
+`forward_step(..., data_iterator, model) -> (output, partial(loss_func, ...))` is the megatron-core
+contract, so the same code runs under `get_forward_backward_func()` for any pipeline layout.
+LoMDM is two-phase (method.md §3.4): `phase_one` pipelines the clean forward-only pass and leaves
+the forward-head logits on every stage; phase two pipelines the K·B corruptions forward and
+backward. Losses are token sums (`config.calculate_per_token_loss=True`); after the
 backward, megatron's `finalize_model_grads` divides every gradient by the number of valid tokens
 of the whole global batch (all micro-batches, all data-parallel ranks), which makes gradient
 accumulation and data parallelism exact reformulations of one big batch.
@@ -21,6 +23,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_lomdm.losses.objective import LossTerms
+from megatron_lomdm.models.diffusion_lm import DIAG_KEYS
 
 REPORT_KEYS = ("nelbo", "main", "velocity", "rloo", "surrogate")
 
@@ -34,14 +37,82 @@ def loss_func(terms: LossTerms, diag: dict[str, torch.Tensor], output_tensor: to
     return output_tensor, num_tokens, report
 
 
-def forward_step(step: int, device: torch.device, data_iterator: Iterator[dict], model: torch.nn.Module):
-    """Forward one micro-batch; returns the surrogate sum and the loss function to close it."""
-    batch = next(data_iterator)
-    tokens_BL = batch["tokens"].to(device, non_blocking=True)
-    valid_BL = batch["valid"].to(device, non_blocking=True)
-    index_B = batch["sample_index"].to(device, non_blocking=True)
-    terms, diag = model(tokens_BL, valid_BL, index_B, step)
-    return terms.surrogate, partial(loss_func, terms, diag)
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The DiffusionLM inside data-parallel wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _batch(data_iterator: Iterator[tuple[int, dict]], device: torch.device) -> tuple[int, torch.Tensor, ...]:
+    j, batch = next(data_iterator)
+    return (j, batch["tokens"].to(device, non_blocking=True), batch["valid"].to(device, non_blocking=True),
+            batch["sample_index"].to(device, non_blocking=True))
+
+
+def _off_last_stage(output_tensor: torch.Tensor):
+    raise AssertionError("megatron-core calls the loss function on the last pipeline stage only")
+
+
+def forward_step(step: int, device: torch.device, fwd_logits: list[torch.Tensor] | None,
+                 data_iterator: Iterator[tuple[int, dict]], model: torch.nn.Module):
+    """Phase two, one micro-batch: forward the corruptions; the loss closes it on the last stage."""
+    j, tokens_BL, valid_BL, index_B = _batch(data_iterator, device)
+    out = model(tokens_BL, valid_BL, index_B, step, fwd_logits_BL=None if fwd_logits is None else fwd_logits[j])
+    if isinstance(out, tuple):
+        terms, diag = out
+        return terms.surrogate, partial(loss_func, terms, diag)
+    return out, _off_last_stage
+
+
+def _keep_head_logits(store: dict[int, torch.Tensor], j: int, model: torch.nn.Module, valid_BL: torch.Tensor,
+                      hidden_BLD: torch.Tensor):
+    with torch.enable_grad():  # phase one runs without grad except for g_phi, whose graph phase two needs
+        store[j] = _unwrap(model).forward_head_logits(hidden_BLD, valid_BL)
+    zero = torch.zeros((), device=hidden_BLD.device)
+    return zero, torch.zeros((), dtype=torch.int), {}
+
+
+def clean_forward_step(device: torch.device, store: dict[int, torch.Tensor],
+                       data_iterator: Iterator[tuple[int, dict]], model: torch.nn.Module):
+    """Phase one, one micro-batch: clean x through this stage; the forward head on the last one."""
+    j, tokens_BL, valid_BL, _ = _batch(data_iterator, device)
+    out = _unwrap(model).clean_features(tokens_BL, valid_BL)
+    return out, partial(_keep_head_logits, store, j, model, valid_BL)
+
+
+def sync_family_params(model: torch.nn.Module) -> None:
+    """Copy the family's learnable parameters (GenMD4 exponents) from the last pipeline stage."""
+    params = list(model.family.parameters())
+    if not params or parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return
+    for p in params:
+        dist.broadcast(p.data, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+
+
+def phase_one(model: torch.nn.Module, batches: list[dict], *, seq_length: int, micro_batch_size: int,
+              device: torch.device) -> list[torch.Tensor]:
+    """Forward-head logits of every micro-batch, on every pipeline stage.
+
+    The clean pass is pipelined like any forward-only pass. On the last stage the logits keep
+    their graph to phi; their values are broadcast to the other stages, which draw the masks.
+    """
+    store: dict[int, torch.Tensor] = {}
+    with torch.no_grad():  # stop-grad: f(x) of the clean sequence (method.md §3.1)
+        get_forward_backward_func()(
+            forward_step_func=partial(clean_forward_step, device, store), data_iterator=iter(enumerate(batches)),
+            model=[model], num_microbatches=len(batches), seq_length=seq_length,
+            micro_batch_size=micro_batch_size, forward_only=True,
+        )
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return [store[j] for j in range(len(batches))]
+    last = parallel_state.is_pipeline_last_stage()
+    shape = (len(batches), micro_batch_size, seq_length)
+    values = torch.stack([store[j].detach() for j in range(len(batches))]) if last else torch.empty(shape, device=device)
+    dist.broadcast(values, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                   group=parallel_state.get_pipeline_model_parallel_group())
+    return [store[j] for j in range(len(batches))] if last else list(values.unbind(0))
 
 
 @dataclass
@@ -66,18 +137,21 @@ def _order_stats(sums: dict[str, float]) -> dict[str, float]:
 
 
 def reduce_reports(reports: list[dict], device: torch.device) -> StepReport:
-    """Sum the micro-batch reports, all-reduce over DP, and derive per-token values."""
-    keys = sorted(reports[0]) if reports else [*REPORT_KEYS, "num_tokens"]
+    """Sum the micro-batch reports, all-reduce over DP, share from the last pipeline stage, and
+    derive per-token values (every rank returns the same numbers)."""
+    keys = (*REPORT_KEYS, "num_tokens", *DIAG_KEYS)
     sums_K = torch.zeros(len(keys), dtype=torch.float64, device=device)
     for r in reports:
         sums_K += torch.stack([r[k].to(device, torch.float64) for k in keys])
     if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
         dist.all_reduce(sums_K, group=parallel_state.get_data_parallel_group())
+    if dist.is_initialized() and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(sums_K, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
     sums = dict(zip(keys, sums_K.tolist()))
     ntok = max(sums["num_tokens"], 1.0)
     values = {k: sums[k] / ntok for k in REPORT_KEYS}
-    if "exp_n" in sums:
-        values.update(_order_stats(sums))
+    values.update(_order_stats(sums))
     return StepReport(values=values, num_tokens=int(sums["num_tokens"]))
 
 
@@ -90,13 +164,18 @@ def forward_backward(model: torch.nn.Module, data_iterator: Iterator[dict], *, s
     `finalize_model_grads_func` (DP reduce, then division by the global token count). Under PP only
     the last stage gets reports (an empty list elsewhere).
     """
-    fb = get_forward_backward_func()
-    return fb(
-        forward_step_func=partial(forward_step, step, device),
-        data_iterator=data_iterator,
+    batches = [next(data_iterator) for _ in range(num_microbatches)]
+    sync_family_params(_unwrap(model))
+    fwd_logits = None
+    if _unwrap(model).family.needs_clean_features:
+        fwd_logits = phase_one(model, batches, seq_length=seq_length, micro_batch_size=micro_batch_size, device=device)
+    num_corruptions = _unwrap(model).family.num_corruptions
+    return get_forward_backward_func()(
+        forward_step_func=partial(forward_step, step, device, fwd_logits),
+        data_iterator=iter(enumerate(batches)),
         model=[model],
         num_microbatches=num_microbatches,
         seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
+        micro_batch_size=micro_batch_size * num_corruptions,  # the pipeline carries K corruptions per sequence
         forward_only=forward_only,
     )

@@ -1,0 +1,421 @@
+"""`parallel.backend=deepspeed`: DeepSpeed ZeRO 0-3 behind the `Engine` interface of `wrap.py`.
+
+Layout: PP=1, any TP (megatron-core's tensor-parallel layers, DeepSpeed told about them through an
+`mpu` adapter over `parallel_state`), DP = megatron's data-parallel group, ZeRO stage
+`parallel.zero`, optimizer state optionally offloaded to the CPU (`parallel.cpu_offload`, ZeRO>=2,
+with DeepSpeed's `DeepSpeedCPUAdam`; otherwise a torch AdamW).
+
+Loss scaling. Losses are token sums, and the gradient must be that of the sum divided by N, the
+number of valid tokens of the whole global batch (all micro-batches, all DP ranks), as megatron's
+`finalize_model_grads` makes it on the megatron backend. DeepSpeed averages gradients over DP (it
+divides their sum by the DP size). `forward_backward` therefore reads N from the micro-batches'
+`valid` masks before any forward (one all-reduce), backpropagates `surrogate_sum * DP / N` with
+`scale_wrt_gas=False`, and the result is exactly sum(grad surrogate) / N.
+
+Accumulation boundary. The loop calls `forward_backward` (all micro-batches) and then, separately,
+`step`. `gradient_accumulation_steps` is the number of micro-batches; before each backward the
+engine is told whether it is the last one (`set_gradient_accumulation_boundary`), so DeepSpeed
+reduces at the right backward whatever its internal counter says, and `step` is one
+`DeepSpeedEngine.step()` at a boundary. A micro-batch whose loss is not finite is backpropagated
+multiplied by NaN, so every gradient of the step is NaN and DeepSpeed's overflow path (norm not
+finite) discards the update and clears its buffers; the loop then skips `step` (it checks the
+loss), and the next `zero_grad` runs that discarding step so no stale gradient survives.
+
+Decisions:
+    * The DeepSpeed engine wraps `_TrainingStep`, which runs phase one (LoMDM's clean pass and
+      forward head) and phase two of one micro-batch and returns the surrogate as the first
+      output: DeepSpeed registers its backward prologue on the forward's tensor outputs (a
+      `LossTerms` dataclass would hide it), and under ZeRO-3 every parameter use stays inside the
+      engine's forward. DeepSpeed checkpoints therefore name parameters `model.<DiffusionLM name>`.
+    * ZeRO-3 partitions every parameter (`stage3_param_persistence_threshold=0`; DeepSpeed's
+      default keeps tensors under 1e5 elements whole, which on small models means nearly
+      everything), so memory follows the ZeRO-3 accounting and the parity tests exercise
+      partitioned parameters everywhere. The cost is one gather per small tensor per pass; revisit
+      with GPU measurements.
+    * EMA under ZeRO-3 is rejected (`optim.ema_decay` must be 0): `training.optim.EMA` holds the
+      full parameters it saw before wrapping, which ZeRO-3 empties. ZeRO 0-2 keep full parameters
+      on every rank (the same `nn.Parameter` objects, re-pointed into DeepSpeed's flat buffers),
+      so the EMA works unchanged.
+    * bf16: DeepSpeed casts every parameter, the scheduler heads included, to bf16 and keeps the
+      fp32 master copy in the optimizer (the megatron backend keeps fp32 parameters fp32).
+    * Stage 0 in fp32 has no overflow check in DeepSpeed: the engine clips (and measures the norm)
+      itself there, with DeepSpeed's model-parallel-aware `clip_grad_norm_`.
+    * Communication buckets are `min(5e8, parameters on this rank)` elements: DeepSpeed's default
+      5e8 would allocate 2 GB per bucket even for a tiny model.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from torch import nn
+
+from megatron_lomdm.config import Config
+from megatron_lomdm.distributed.wrap import _is_head
+from megatron_lomdm.training.step import forward_step
+from megatron_lomdm.utils.logging import get_logger
+
+log = get_logger(__name__)
+CHECKPOINT_TAG = "ds"
+DEFAULT_BUCKET_NUMEL = 500_000_000  # DeepSpeed's reduce/allgather bucket default (elements)
+ADAM_STATE_BYTES = 12  # fp32 master + Adam m + v, per parameter (performance.md §A2, K = 12)
+
+
+def megatron_mpu() -> types.SimpleNamespace:
+    """megatron-core's `parallel_state` in the shape DeepSpeed's `mpu` argument expects.
+
+    DeepSpeed calls the old Megatron-LM API (`get_model_parallel_rank/world_size/group`), which
+    megatron-core removed or redefined (its model-parallel group spans TP x PP); here they are the
+    tensor-parallel ones (PP is 1 on this backend). Every other `get_*` is passed through.
+    """
+    funcs = {name: getattr(parallel_state, name) for name in dir(parallel_state) if name.startswith("get_")}
+    funcs.update(
+        get_model_parallel_rank=parallel_state.get_tensor_model_parallel_rank,
+        get_model_parallel_world_size=parallel_state.get_tensor_model_parallel_world_size,
+        get_model_parallel_group=parallel_state.get_tensor_model_parallel_group,
+    )
+    return types.SimpleNamespace(**funcs)
+
+
+def param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups, as the megatron backend forms them.
+
+    Backbone matrices (weight decay), backbone vectors and biases (no weight decay), and the
+    scheduler heads with the family's parameters (weight decay, LR `optim.head_lr or train.lr`).
+    Empty groups are dropped.
+    """
+    head_lr = cfg.optim.head_lr or cfg.train.lr
+    wd = cfg.optim.weight_decay
+    groups = {"backbone": ([], cfg.train.lr, wd), "backbone_no_wd": ([], cfg.train.lr, 0.0), "heads": ([], head_lr, wd)}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if _is_head(name):
+            key = "heads"
+        elif len(p.shape) == 1 or name.endswith(".bias"):
+            key = "backbone_no_wd"
+        else:
+            key = "backbone"
+        groups[key][0].append(p)
+    return [{"name": key, "params": params, "lr": lr, "weight_decay": decay}
+            for key, (params, lr, decay) in groups.items() if params]
+
+
+def deepspeed_config(cfg: Config, *, dp: int, num_microbatches: int, bucket_numel: int,
+                     engine_clips: bool) -> dict[str, Any]:
+    """The DeepSpeed config dict for `cfg` (see the module docstring for the choices)."""
+    zero: dict[str, Any] = {"stage": cfg.parallel.zero, "reduce_bucket_size": bucket_numel,
+                            "allgather_bucket_size": bucket_numel}
+    if cfg.parallel.zero == 3:
+        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=bucket_numel)
+    if cfg.parallel.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_batch_size": cfg.train.micro_batch_size * num_microbatches * dp,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": num_microbatches,
+        "gradient_clipping": 0.0 if engine_clips else cfg.optim.clip_grad,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.train.precision == "bf16", "check_grad_overflow": True},
+        "steps_per_print": 2**62,  # the loop logs; DeepSpeed's own progress lines stay quiet
+        "wall_clock_breakdown": False,
+    }
+
+
+class _TrainingStep(nn.Module):
+    """One micro-batch of the training step (both LoMDM phases) as the DeepSpeed engine's module.
+
+    Returns `(surrogate, terms, diag)`: the surrogate first, so that DeepSpeed attaches its
+    backward hooks to it (see the module docstring).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens_BL: torch.Tensor, valid_BL: torch.Tensor, index_B: torch.Tensor, step: int):
+        model = self.model
+        fwd_logits_BL = None
+        if model.family.needs_clean_features:
+            with torch.no_grad():  # stop-grad: f(x) of the clean sequence (method.md §3.1)
+                hidden_x_BLD = model.clean_features(tokens_BL, valid_BL)
+            fwd_logits_BL = model.forward_head_logits(hidden_x_BLD, valid_BL)  # graph to phi kept
+        terms, diag = model(tokens_BL, valid_BL, index_B, step, fwd_logits_BL=fwd_logits_BL)
+        return terms.surrogate, terms, diag
+
+
+def _storages(tensors: list[torch.Tensor], seen: set[int]) -> int:
+    """Bytes of the distinct storages behind `tensors` not already in `seen` (views count once)."""
+    total = 0
+    for t in tensors:
+        if t is None or not isinstance(t, torch.Tensor) or t.numel() == 0:
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    return total
+
+
+def _flat(value: Any) -> list[torch.Tensor]:
+    """The tensors in a tensor / list / tuple / dict attribute value (one level of nesting)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _flat(v)]
+    return []
+
+
+# Where DeepSpeed 0.19 keeps gradient partitions and fp32 master weights, per optimizer class
+# (stage 1/2: DeepSpeedZeroOptimizer; stage 3: DeepSpeedZeroOptimizer_Stage3; bf16 stage 0: BF16_Optimizer).
+_GRAD_ATTRS = ("averaged_gradients", "grads_in_partition", "grad_partitions_flat_buffer",
+               "fp32_groups_gradients_flat")
+_MASTER_ATTRS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition")
+
+
+def model_state_bytes(engine: DeepSpeedEngine) -> dict[str, float]:
+    """This rank's bytes of parameters, gradients and optimizer state right now, by enumerating tensors.
+
+    Parameters: the model's parameter storages (under ZeRO-3 the local partitions). Gradients:
+    `.grad` of parameters and master partitions plus DeepSpeed's gradient partitions. Optimizer:
+    the fp32 master partitions and the optimizer's state tensors (Adam m, v). Views of one flat
+    buffer count once, padding included. Communication buckets are not model state and are left
+    out. `*_per_param` divide by this rank's (TP slice's) full parameter count.
+
+    Gradients exist between a backward and the step (ZeRO-1 holds them whole until the last
+    backward of the step reduces them to partitions), the Adam state only after the first step:
+    `DeepSpeedEngine.state_bytes` combines the gradient peak over the first step's backwards with
+    the rest measured after that step.
+    """
+    ds = engine.ds
+    opt = ds.optimizer
+    params = list(engine.module.parameters())
+    num_params = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    seen: set[int] = set()
+    param_tensors = [getattr(p, "ds_tensor", None) for p in params] + [p.data for p in params]
+    param_bytes = _storages(param_tensors, seen)
+    masters = [t for a in _MASTER_ATTRS for t in _flat(getattr(opt, a, None))]
+    grad_tensors = [p.grad for p in params] + [t.grad for t in masters]
+    grad_tensors += [t for a in _GRAD_ATTRS for t in _flat(getattr(opt, a, None))]
+    grad_bytes = _storages(grad_tensors, seen)
+    inner = getattr(opt, "optimizer", opt)
+    states = [t for state in inner.state.values() for t in state.values()
+              if isinstance(t, torch.Tensor) and t.dim() > 0]
+    optim_bytes = _storages(masters + states, seen)
+    out = {"num_params": float(num_params), "params": float(param_bytes), "grads": float(grad_bytes),
+           "optimizer": float(optim_bytes)}
+    for key in ("params", "grads", "optimizer"):
+        out[f"{key}_per_param"] = out[key] / max(num_params, 1)
+    out["total_per_param"] = (param_bytes + grad_bytes + optim_bytes) / max(num_params, 1)
+    return out
+
+
+def theory_bytes_per_param(stage: int, dp: int, *, param_bytes: int, grad_bytes: int,
+                           optimizer_bytes: int = ADAM_STATE_BYTES) -> dict[str, float]:
+    """ZeRO's model-state accounting (performance.md §A2) for `dp` data-parallel ranks.
+
+    Stage 1 shards the optimizer state, stage 2 also the gradients, stage 3 also the parameters;
+    stage 0 shards nothing. Mixed precision (2, 2, 12) gives §A2's 4 + 12/Nd, 2 + 14/Nd, 16/Nd.
+    """
+    params = param_bytes / dp if stage >= 3 else float(param_bytes)
+    grads = grad_bytes / dp if stage >= 2 else float(grad_bytes)
+    optim = optimizer_bytes / dp if stage >= 1 else float(optimizer_bytes)
+    return {"params_per_param": params, "grads_per_param": grads, "optimizer_per_param": optim,
+            "total_per_param": params + grads + optim}
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO engine with megatron-core TP; the `Engine` protocol of `distributed.wrap`.
+
+    Args:
+        model: the DiffusionLM (this rank's TP slice), on its device.
+        cfg: the run's config (`parallel.zero`, `parallel.cpu_offload`, `optim.*`, `train.*`).
+
+    Raises:
+        ValueError: for `parallel.pp > 1`, or `optim.ema_decay > 0` with ZeRO-3.
+    """
+
+    def __init__(self, model: nn.Module, cfg: Config) -> None:
+        import deepspeed
+
+        stage = cfg.parallel.zero
+        if cfg.parallel.pp > 1:
+            raise ValueError(f"parallel.backend=deepspeed runs without pipeline parallelism, got parallel.pp="
+                             f"{cfg.parallel.pp}; use parallel.backend=megatron for pp > 1")
+        if stage == 3 and cfg.optim.ema_decay > 0:
+            raise ValueError(f"optim.ema_decay={cfg.optim.ema_decay} needs full parameters on every rank, but "
+                             "parallel.zero=3 partitions them: set optim.ema_decay=0 or use parallel.zero <= 2")
+        self.module = model
+        self.cfg = cfg
+        self.stage = stage
+        self.dp = parallel_state.get_data_parallel_world_size()
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp)
+        self._engine_clips = stage == 0 and cfg.train.precision == "fp32"
+        self._mpu = megatron_mpu()
+        groups = param_groups(model, cfg)
+        self.base_lrs = [g["lr"] for g in groups]
+        described = [(g["name"], len(g["params"]), g["lr"]) for g in groups]  # DeepSpeed flattens the groups
+        optimizer = self._optimizer(groups, cfg)
+        numel = sum(p.numel() for p in model.parameters())
+        config = deepspeed_config(cfg, dp=self.dp, num_microbatches=self.num_microbatches,
+                                  bucket_numel=min(DEFAULT_BUCKET_NUMEL, max(numel, 1)),
+                                  engine_clips=self._engine_clips)
+        step_module = _TrainingStep(model)
+        self.ds, _, _, _ = deepspeed.initialize(model=step_module, optimizer=optimizer, config=config,
+                                                mpu=self._mpu, dist_init_required=False)
+        if stage == 3:  # parameters used outside their module's forward must be gathered with the root's
+            for p in model.family.parameters():
+                deepspeed.zero.register_external_parameter(step_module, p)
+        self._pending = False  # a training forward_backward whose gradients no step() consumed yet
+        self.state_bytes: dict[str, float] | None = None
+        self._peak_grads: dict[str, float] | None = None
+        log.info("DeepSpeed ZeRO-%d engine: dp=%d tp=%d, %d micro-batches per step, groups %s, optimizer %s%s",
+                 stage, self.dp, parallel_state.get_tensor_model_parallel_world_size(), self.num_microbatches,
+                 described, type(optimizer).__name__,
+                 ", optimizer state offloaded to CPU" if cfg.parallel.cpu_offload else "")
+
+    @staticmethod
+    def _optimizer(groups: list[dict[str, Any]], cfg: Config) -> torch.optim.Optimizer:
+        o = cfg.optim
+        kwargs = {"lr": cfg.train.lr, "betas": (o.beta1, o.beta2), "eps": o.eps, "weight_decay": o.weight_decay}
+        if cfg.parallel.cpu_offload:  # DeepSpeed requires its CPU Adam for offloaded optimizer state
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+        return torch.optim.AdamW(groups, **kwargs)
+
+    # ---- forward / backward ---------------------------------------------------------------------
+    def _call_module(self, tokens_BL: torch.Tensor, valid_BL: torch.Tensor, index_B: torch.Tensor, step: int,
+                     fwd_logits_BL: torch.Tensor | None = None) -> tuple[Any, dict[str, torch.Tensor]]:
+        """The model as `training.step.forward_step` calls it; phase one runs inside the engine."""
+        assert fwd_logits_BL is None, "phase one runs inside the DeepSpeed engine's forward"
+        _, terms, diag = self.ds(tokens_BL, valid_BL, index_B, step)
+        return terms, diag
+
+    def _micro_batch(self, step: int, device: torch.device, j: int, batch: dict) -> tuple[torch.Tensor, dict]:
+        surrogate, close = forward_step(step, device, None, iter([(j, batch)]), self._call_module)
+        loss, _, report = close(surrogate)
+        return loss, report
+
+    def _global_tokens(self, batches: list[dict], device: torch.device) -> int:
+        local = sum(int(b["valid"].sum()) for b in batches)
+        count = torch.tensor([local], dtype=torch.float64, device=device)
+        if self.dp > 1:
+            dist.all_reduce(count, group=self.dp_group)
+        return int(count.item())
+
+    def forward_backward(self, data_iterator: Iterator[dict], *, step: int, num_microbatches: int, seq_length: int,
+                         micro_batch_size: int, device: torch.device, forward_only: bool = False) -> list[dict]:
+        """Forward (and backward) `num_microbatches` micro-batches; returns their loss reports.
+
+        `seq_length` and `micro_batch_size` are part of the interface (megatron's schedules need
+        them); the micro-batches carry their own shapes here.
+        """
+        batches = [next(data_iterator) for _ in range(num_microbatches)]
+        if forward_only:
+            return [self._micro_batch(step, device, j, b)[1] for j, b in enumerate(batches)]
+        if num_microbatches != self.num_microbatches:
+            raise ValueError(f"{num_microbatches} micro-batches per step, but the DeepSpeed engine was built for "
+                             f"{self.num_microbatches} (train.global_batch_size / (micro_batch_size x DP))")
+        num_tokens = self._global_tokens(batches, device)
+        scale = self.dp / max(num_tokens, 1)  # DeepSpeed averages over DP: surrogate * DP / N -> sum / N
+        reports = []
+        for j, batch in enumerate(batches):
+            self.ds.set_gradient_accumulation_boundary(j == num_microbatches - 1)
+            loss, report = self._micro_batch(step, device, j, batch)
+            # a non-finite loss poisons every gradient, so DeepSpeed's overflow check drops the step
+            poison = torch.where(torch.isfinite(loss.detach()), 1.0, math.nan)
+            self.ds.backward(loss * (poison * scale), scale_wrt_gas=False)
+            reports.append(report)
+            if self.state_bytes is None:  # first step: gradient bytes peak after some backward
+                now = model_state_bytes(self)
+                if self._peak_grads is None or now["grads"] > self._peak_grads["grads"]:
+                    self._peak_grads = now
+        self._pending = True
+        local = sum(int(b["valid"].sum()) for b in batches)
+        assert sum(int(r["num_tokens"]) for r in reports) == local, "loss num_tokens != valid positions"
+        return reports
+
+    # ---- optimizer --------------------------------------------------------------------------------
+    def zero_grad(self) -> None:
+        """DeepSpeed clears gradients in its step; gradients of a skipped step are discarded here."""
+        if self._pending:  # the loop skipped step() after a non-finite loss: the gradients are poisoned
+            applied, norm = self.step()
+            assert not applied, f"a step with a non-finite loss was applied (grad norm {norm})"
+
+    def set_lr(self, multiplier: float) -> float:
+        groups = self.ds.optimizer.param_groups
+        for group, base in zip(groups, self.base_lrs, strict=True):
+            group["lr"] = base * multiplier
+        return groups[0]["lr"]
+
+    def step(self) -> tuple[bool, float]:
+        """Apply the update unless the global gradient norm is not finite; returns (applied, norm)."""
+        self._pending = False
+        first = self.state_bytes is None and self._peak_grads is not None
+        if self._engine_clips:
+            applied, norm = self._clipped_step()
+        else:
+            self.ds.step()
+            value = self.ds.get_global_grad_norm()
+            norm = float(value) if value is not None else math.nan
+            applied = bool(self.ds.was_step_applied()) and math.isfinite(norm)
+        if first and applied:
+            self._record_state_bytes(self._peak_grads)
+        return applied, norm
+
+    def _clipped_step(self) -> tuple[bool, float]:
+        """ZeRO-0 fp32: DeepSpeed has no overflow check there, so clip and check the norm here."""
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        max_norm = self.cfg.optim.clip_grad or math.inf
+        norm = float(clip_grad_norm_(params, max_norm=max_norm, mpu=self._mpu))
+        if not math.isfinite(norm):
+            self.ds.zero_grad()
+            return False, norm
+        self.ds.step()
+        return True, norm
+
+    def _record_state_bytes(self, peak: dict[str, float]) -> None:
+        """Log (once) this rank's model-state bytes: gradients at their peak, the rest after the step."""
+        after = model_state_bytes(self)
+        self.state_bytes = {**after, "grads": peak["grads"], "grads_per_param": peak["grads_per_param"]}
+        s = self.state_bytes
+        s["total_per_param"] = s["params_per_param"] + s["grads_per_param"] + s["optimizer_per_param"]
+        elt = next(self.module.parameters()).element_size()
+        theory = theory_bytes_per_param(self.stage, self.dp, param_bytes=elt, grad_bytes=elt)
+        log.info("model state per rank (ZeRO-%d, dp=%d, %.3fM params): params %.2f MB, grads %.2f MB (at the "
+                 "peak), optimizer %.2f MB = %.2f + %.2f + %.2f = %.2f B/param (ZeRO theory %.2f + %.2f + "
+                 "%.2f = %.2f)", self.stage, self.dp, s["num_params"] / 1e6, s["params"] / 2**20,
+                 s["grads"] / 2**20, s["optimizer"] / 2**20, s["params_per_param"], s["grads_per_param"],
+                 s["optimizer_per_param"], s["total_per_param"], theory["params_per_param"],
+                 theory["grads_per_param"], theory["optimizer_per_param"], theory["total_per_param"])
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # model, optimizer and DeepSpeed's counters are in its checkpoint (save_sharded)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def save_sharded(self, folder: Path) -> None:
+        """DeepSpeed's checkpoint of model, ZeRO partitions and optimizer state (collective)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        self.ds.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, save_latest=False)
+
+    def load_sharded(self, folder: Path) -> None:
+        path, _ = self.ds.load_checkpoint(str(folder), tag=CHECKPOINT_TAG)
+        if path is None:
+            raise ValueError(f"no DeepSpeed checkpoint (tag {CHECKPOINT_TAG!r}) under {folder}")
