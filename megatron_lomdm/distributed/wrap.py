@@ -48,6 +48,7 @@ class Engine(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
     def save_sharded(self, folder: Path) -> None: ...
+    def state_bytes(self) -> dict[str, int]: ...
     def load_sharded(self, folder: Path) -> None: ...
 
 
@@ -122,6 +123,28 @@ class MegatronEngine:
             return False, norm
         ok, norm, _ = self.optimizer.step()
         return bool(ok), float(norm if norm is not None else 0.0)
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds for parameters, gradient buffers and optimizer state (tensors
+        enumerated, shared storage counted once): what ZeRO saves shows up here."""
+        seen: set[int] = set()
+
+        def total(tensors) -> int:
+            n = 0
+            for t in tensors:
+                if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    n += t.numel() * t.element_size()
+            return n
+
+        params = list(self.module.module.parameters())
+        out = {"params": total(params), "grads": total(getattr(p, "main_grad", None) for p in params)}
+        inner = [o.optimizer for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
+        opt_tensors = [p for o in inner for g in o.param_groups for p in g["params"]]
+        opt_tensors += [v for o in inner for st in o.state.values() for v in st.values()]
+        out["optimizer"] = total(opt_tensors)
+        out["num_params"] = sum(p.numel() for p in params)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # model and optimizer state go through dist_checkpointing (save_sharded)

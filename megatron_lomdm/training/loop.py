@@ -55,6 +55,13 @@ def train_step(run: Run) -> dict[str, float]:
             "skipped_steps": state.skipped_steps, "memory_gb": peak_memory_gb(run.device)}
 
 
+def log_state_bytes(run: Run) -> None:
+    """Per-rank bytes of parameters, gradients and optimizer state (what ZeRO bought)."""
+    b = run.engine.state_bytes()
+    n = max(b.pop("num_params"), 1)
+    log.info("model states on rank 0: " + ", ".join(f"{k} {v / 2**20:.1f} MiB ({v / n:.2f} B/param)" for k, v in b.items()))
+
+
 def run_training(cfg: Config) -> bool:
     """Train `cfg` to `train.steps`, resuming from `run.dir` if it has a checkpoint.
 
@@ -66,6 +73,8 @@ def run_training(cfg: Config) -> bool:
         while run.state.step < cfg.train.steps:
             metrics = train_step(run)
             step = run.state.step
+            if step == 1:  # optimizer state exists only after the first update
+                log_state_bytes(run)
             if step % cfg.train.log_interval == 0 or step == cfg.train.steps:
                 run.log_metrics(metrics)
             if run.state.bad_steps >= run.max_bad_steps:
