@@ -152,24 +152,37 @@ class MegatronEngine:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
-    def _sharded(self, is_loading: bool) -> dict[str, Any]:
+    def _optimizer_has_state(self) -> bool:
+        inner = [o.optimizer for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
+        return any(len(o.state) for o in inner)
+
+    def _sharded(self, is_loading: bool, with_optimizer: bool) -> dict[str, Any]:
         model_sd = self.module.module.sharded_state_dict(metadata=self.SHARDING)
+        if not with_optimizer:
+            return {"model": model_sd}
         return {"model": model_sd,
                 "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=self.SHARDING)}
 
     def save_sharded(self, folder: Path) -> None:
+        """Model and optimizer via dist_checkpointing. Before the first update Adam has no state
+        (megatron cannot save an empty one); then only the model is saved and a marker says so."""
         from megatron.core import dist_checkpointing
 
         folder.mkdir(parents=True, exist_ok=True)
-        dist_checkpointing.save(self._sharded(is_loading=False), str(folder))
+        with_optimizer = self._optimizer_has_state()
+        dist_checkpointing.save(self._sharded(is_loading=False, with_optimizer=with_optimizer), str(folder))
+        if not with_optimizer and torch.distributed.get_rank() == 0:
+            (folder / "NO_OPTIMIZER_STATE").touch()
 
     def load_sharded(self, folder: Path) -> None:
         from megatron.core import dist_checkpointing
 
-        state = dist_checkpointing.load(self._sharded(is_loading=True), str(folder))
+        with_optimizer = not (folder / "NO_OPTIMIZER_STATE").exists()
+        state = dist_checkpointing.load(self._sharded(is_loading=True, with_optimizer=with_optimizer), str(folder))
         self.module.module.load_state_dict(state["model"], strict=False)
-        with torch.no_grad():  # mcore: loading optimizer state in place needs no autograd
-            self.optimizer.load_state_dict(state["optimizer"])
+        if with_optimizer:
+            with torch.no_grad():  # mcore: loading optimizer state in place needs no autograd
+                self.optimizer.load_state_dict(state["optimizer"])
 
 
 def build_engine(model: nn.Module, cfg: Config) -> Engine:

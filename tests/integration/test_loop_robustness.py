@@ -101,22 +101,41 @@ def test_keep_last(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_0000003", "step_0000004"]
 
 
-def test_nan_guard(tiny_shards: Path, tmp_path: Path) -> None:
-    """From step 3 on every loss is NaN: steps are skipped and counted, then the run stops with a
-    clear message and a checkpoint whose weights are those of the last good step."""
-    driver = textwrap.dedent(f"""
+def _poison_driver(from_step: int) -> str:
+    """A training entry point whose surrogate loss is NaN from `from_step` on."""
+    return textwrap.dedent(f"""
         import sys, torch
         from megatron_lomdm.models import diffusion_lm
         real = diffusion_lm.DiffusionLM.forward
-        def poisoned(self, tokens, valid, index, step):
-            terms, diag = real(self, tokens, valid, index, step)
-            if step >= 2:
-                terms.surrogate = terms.surrogate * float("nan")
-            return terms, diag
+        def poisoned(self, *args, **kwargs):
+            out = real(self, *args, **kwargs)
+            if isinstance(out, tuple) and args[3] >= {from_step}:
+                out[0].surrogate = out[0].surrogate * float("nan")
+            return out
         diffusion_lm.DiffusionLM.forward = poisoned
         from megatron_lomdm.train import main
         sys.exit(main(sys.argv[1:]))
     """)
+
+
+def test_resume_before_first_update(tiny_shards: Path, tmp_path: Path) -> None:
+    """A checkpoint written before any optimizer update (every step so far NaN) resumes."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-c", _poison_driver(from_step=0), "--config", "configs/experiments/tiny_cpu.yaml",
+           f"run.dir={run_dir}", f"data.train={tiny_shards}", "train.steps=30", "checkpoint.interval=0"]
+    out = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "non-finite" in out.stderr, out.stderr[-2000:]
+    resumed = train(run_dir, tiny_shards, "train.steps=7", "checkpoint.interval=0")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 5" in resumed.stderr
+    tail = read_metrics(run_dir)[-2:]
+    assert [r["step"] for r in tail] == [6, 7] and all(r["skipped_steps"] == 5 for r in tail)
+
+
+def test_nan_guard(tiny_shards: Path, tmp_path: Path) -> None:
+    """From step 3 on every loss is NaN: steps are skipped and counted, then the run stops with a
+    clear message and a checkpoint whose weights are those of the last good step."""
+    driver = _poison_driver(from_step=2)
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-c", driver, "--config", "configs/experiments/tiny_cpu.yaml", f"run.dir={run_dir}",
            f"data.train={tiny_shards}", "train.steps=30", "checkpoint.interval=0", "optim.ema_decay=0.5"]
@@ -125,15 +144,23 @@ def test_nan_guard(tiny_shards: Path, tmp_path: Path) -> None:
     assert "consecutive steps with a non-finite loss" in out.stderr
     records = read_metrics(run_dir)
     assert [r["skipped_steps"] for r in records] == [0, 0, 1, 2, 3, 4, 5]
-    manager = CheckpointManager(run_dir / "checkpoints", tp_rank=0, pp_rank=0, dp_rank=0, tp=1, pp=1,
-                                is_rank0=True, keep_last=2)
-    state = manager.load(manager.latest_step())
-    tensors = {k: v for k, v in state["model"].items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
-    assert tensors and all(torch.isfinite(v).all() for v in tensors.values())
     good = tmp_path / "good"
     ref = train(good, tiny_shards, "train.steps=2", "checkpoint.interval=0", "optim.ema_decay=0.5")
     assert ref.returncode == 0, ref.stderr[-2000:]
-    ref_state = CheckpointManager(good / "checkpoints", tp_rank=0, pp_rank=0, dp_rank=0, tp=1, pp=1,
-                                  is_rank0=True, keep_last=2).load(2)
-    for key, value in tensors.items():
-        assert torch.equal(ref_state["model"][key], value), key  # weights of the last good step
+    poisoned, clean = _live_weights(run_dir, tmp_path / "a.pt"), _live_weights(good, tmp_path / "b.pt")
+    assert poisoned and poisoned.keys() == clean.keys()
+    for key, value in clean.items():
+        assert torch.isfinite(poisoned[key]).all(), key
+        assert torch.equal(poisoned[key], value), key  # the weights of the last good step
+
+
+def _live_weights(run_dir: Path, out: Path) -> dict[str, torch.Tensor]:
+    """The live (non-EMA) weights of a run's latest checkpoint, read in a separate process
+    (reading dist_checkpointing needs megatron's process groups)."""
+    script = ("import sys, torch; from megatron_lomdm.checkpoint.hf_export import load_native_checkpoint; "
+              "ck = load_native_checkpoint(sys.argv[1], ema=False); "
+              "torch.save({k: v for k, v in ck.state_dict.items() if isinstance(v, torch.Tensor)}, sys.argv[2])")
+    done = subprocess.run([sys.executable, "-c", script, str(run_dir), str(out)], cwd=ROOT, env=clean_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out, weights_only=True)
