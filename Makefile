@@ -12,7 +12,7 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup demo test bench clean-demo
+.PHONY: setup demo test bench bench-learning clean-demo
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ test: setup
 
 bench: setup
 	$(PY) bench/run_all.py
+
+# not in CI: MDLM vs polynomial vs LoMDM learning curves on the demo corpus (<= 60 min on 2 cores)
+bench-learning: setup
+	$(PY) bench/learning.py
 
 clean-demo:
 	rm -rf runs/demo_cpu demo_data
