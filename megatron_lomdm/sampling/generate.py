@@ -38,7 +38,6 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,7 @@ from torch import Tensor
 from megatron_lomdm.data.shards import read_manifest
 from megatron_lomdm.diffusion.genmd4 import GenMD4Family
 from megatron_lomdm.diffusion.lomdm import LoMDMFamily
-from megatron_lomdm.sampling import SAMPLERS, build_sampler
+from megatron_lomdm.sampling import SAMPLERS
 from megatron_lomdm.sampling.base import DenoiserOutput, Sampler, denoiser_from_backbone
 from megatron_lomdm.sampling.grids import GridSpec
 from megatron_lomdm.sampling.metrics import (
@@ -61,7 +60,7 @@ from megatron_lomdm.sampling.metrics import (
     save_order_heatmap,
     unigram_entropy,
 )
-from megatron_lomdm.training.evaluate import clean_launcher_env, run_fingerprint, weights
+from megatron_lomdm.training.evaluate import clean_launcher_env, weights
 from megatron_lomdm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -236,8 +235,8 @@ def sampler_record(name: str, sampler: Sampler, *, steps: int | None, grid: Grid
     top_p, cache, gamma, and the fp64 draws."""
     grid_T1 = getattr(sampler, "grid_T1", None)
     rec: dict[str, Any] = {
-        "name": name, "steps": steps, "temperature": sampler.temperature, "top_p": sampler.top_p,
-        "use_cache": sampler.use_cache, "draw_precision": "fp64",
+        "name": name, "steps": steps, "uses_steps": hasattr(sampler, "num_steps"),
+        "temperature": sampler.temperature, "top_p": sampler.top_p, "use_cache": sampler.use_cache, "draw_precision": "fp64",
         "grid": None if grid_T1 is None else {
             **({"kind": "default"} if grid is None else {"kind": grid.kind, "t_min": grid.t_min, "a": grid.a,
                                                          "b": grid.b, "sin2": grid.sin2, "exponent": grid.exponent}),
@@ -468,7 +467,7 @@ def ar_logprobs(run: Any, sequences: Sequence[Sequence[int]], *, use_ema: bool =
         Per sequence, the fp64 log-probabilities of all its tokens.
     """
     if run.cfg.diffusion.name != "arm":
-        raise ValueError(f"the judge run is diffusion.name={run.cfg.diffusion.name}; exact AR scoring needs an arm run")
+        raise ValueError(f"the run is diffusion.name={run.cfg.diffusion.name}; exact AR scoring needs an arm run")
     L = run.cfg.model.seq_length
     mask_id, vocab = int(run.model.mask_id), int(run.model.backbone.true_vocab_size)
     denoiser = RunDenoiser(run, diagnostics=False)
@@ -618,7 +617,8 @@ def make_judge(path: str | Path, *, device: str | torch.device = "cpu") -> RunJu
         return RunJudge(path)
     if (path / "config.json").is_file():
         return HFJudge(path, device=device)
-    raise ValueError(f"--judge {path}: neither a run directory (config.yaml) nor a local HF model folder (config.json)")
+    raise ValueError(f"--judge {path}: neither a run directory (config.yaml) nor a local HF model folder "
+                     "(config.json)")
 
 
 def judge_gen_ppl(judge: RunJudge | HFJudge, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -636,6 +636,6 @@ def sample_entropies(tokens: Tensor) -> list[float]:
 
 __all__ = [
     "Generation", "HFJudge", "RunDenoiser", "RunJudge", "RunTokenizer", "ar_logprobs", "batch_seed", "generate",
-    "judge_gen_ppl", "load_run_tokenizer", "make_judge", "order_report", "prefix_token_ids", "run_fingerprint",
-    "sample_entropies", "sampler_options", "sampler_record", "score_jsonl",
+    "judge_gen_ppl", "load_run_tokenizer", "make_judge", "order_report", "prefix_token_ids", "sample_entropies",
+    "sampler_options", "sampler_record", "score_jsonl",
 ]

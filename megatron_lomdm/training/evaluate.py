@@ -448,6 +448,8 @@ def evaluate_run(run: Any, *, data: str | Path | None = None, split: str | None 
     rows = eval_rows(n, t_draws, dp_rank=info.dp_rank, dp_size=info.dp, micro_batch_size=mbs)
 
     model = run.model
+    if not (hasattr(model, "global_batch_size") and hasattr(model, "seed")):
+        raise AttributeError("DiffusionLM no longer exposes global_batch_size/seed; update evaluate_run")
     saved = (model.global_batch_size, model.seed)
     model.global_batch_size, model.seed = n * t_draws, seed  # the antithetic grid spans the eval set
     model.eval()
@@ -467,8 +469,9 @@ def evaluate_run(run: Any, *, data: str | Path | None = None, split: str | None 
     sums = _sum_reports(reports, run.device)
     draws_tokens = max(sums["num_tokens"], 1.0)
     fingerprint = run_fingerprint(run, use_ema=use_ema, hash_checkpoint=hash_checkpoint)
-    manifest = read_manifest(path)
-    fingerprint["data"] = {"path": str(path.resolve()), "split": split, "fingerprint": manifest.fingerprint(split),
+    manifest = reader.manifest
+    where = str(Path(path).resolve()) if Path(path).exists() else str(path)
+    fingerprint["data"] = {"path": where, "split": split, "fingerprint": reader.fingerprint,
                            "layout": manifest.layout, "seq_length": manifest.seq_length,
                            "num_sequences": n, "max_sequences": max_sequences,
                            "tokenizer_sha256": manifest.tokenizer.get("tokenizer_json_sha256")}
@@ -486,6 +489,28 @@ def evaluate_run(run: Any, *, data: str | Path | None = None, split: str | None 
                  path, split, run.state.step, "EMA" if use_ema else "live", result.nelbo, result.ppl,
                  result.velocity, result.num_tokens, t_draws)
     return result
+
+
+def read_eval_sequences(run: Any, *, data: str | Path | None = None, split: str | None = None,
+                        max_sequences: int | None = None) -> list[list[int]]:
+    """The token ids (pads dropped) of the eval split ``evaluate_run`` would use, in stored order."""
+    path, split = resolve_eval_data(run, data, split)
+    reader = ShardLoader(path, split=split, micro_batch_size=1, global_batch_size=1, dp_rank=0, dp_size=1,
+                         seed=0, shuffle=False, drop_last=False, num_epochs=1)
+    try:
+        n = reader.num_samples if max_sequences is None else min(max_sequences, reader.num_samples)
+        tokens, lengths = reader.read_samples(np.arange(n, dtype=np.int64))
+    finally:
+        reader.close()
+    return [row[:length].tolist() for row, length in zip(tokens, lengths)]
+
+
+def close_run() -> None:
+    """Tear down the process groups ``open_run`` created (end of a CLI)."""
+    if dist.is_initialized():
+        from megatron_lomdm.distributed.init import destroy_distributed
+
+        destroy_distributed()
 
 
 def is_rank0() -> bool:
