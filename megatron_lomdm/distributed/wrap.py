@@ -59,7 +59,7 @@ def _is_head(name: str) -> bool:
 class MegatronEngine:
     """mcore `DistributedDataParallel` + `get_megatron_optimizer` (ZeRO-1 with `parallel.zero=1`).
 
-    Scheduler heads get their own parameter group (max_lr = `optim.head_lr`); they are replicated
+    Scheduler heads get their own parameter group (lr_mult = `optim.head_lr / train.lr`); they are replicated
     over TP, so megatron counts them once in the gradient norm, and DDP averages them over DP only.
     """
 
@@ -96,7 +96,8 @@ class MegatronEngine:
             name="no_wd", fn=lambda p, n: (len(p.shape) == 1 or n.endswith(".bias")) and not _is_head(n)))
         overrides = {no_wd: ParamGroupOverride(wd_mult=0.0)}
         if cfg.optim.head_lr:
-            overrides[heads] = ParamGroupOverride(max_lr=cfg.optim.head_lr, min_lr=cfg.optim.head_lr * cfg.optim.min_lr_ratio)
+            # lr_mult (not max_lr): megatron matches checkpointed param groups by (wd_mult, lr_mult, ...)
+            overrides[heads] = ParamGroupOverride(lr_mult=cfg.optim.head_lr / cfg.train.lr)
         self.optimizer = get_megatron_optimizer(opt_config, [self.module], config_overrides=overrides)
 
     def forward_backward(self, data_iterator: Iterator[dict], *, step: int, num_microbatches: int, seq_length: int,
@@ -113,7 +114,7 @@ class MegatronEngine:
 
     def set_lr(self, multiplier: float) -> float:
         for g in self.optimizer.param_groups:
-            g["lr"] = g["max_lr"] * multiplier
+            g["lr"] = g["max_lr"] * g.get("lr_mult", 1.0) * multiplier
         return self.optimizer.param_groups[0]["lr"]
 
     def step(self) -> tuple[bool, float]:

@@ -164,3 +164,15 @@ def _live_weights(run_dir: Path, out: Path) -> dict[str, torch.Tensor]:
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(out, weights_only=True)
+
+
+def test_resume_with_head_lr(tiny_shards: Path, tmp_path: Path) -> None:
+    """Scheduler heads in their own LR group survive a checkpoint round trip (megatron matches
+    param groups by their multipliers, so the head group must differ from the default one)."""
+    overrides = ("optim.head_lr=0.01", "checkpoint.interval=2")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train(straight, tiny_shards, "train.steps=3", *overrides).returncode == 0
+    assert train(resumed, tiny_shards, "train.steps=2", *overrides).returncode == 0
+    out = train(resumed, tiny_shards, "train.steps=3", *overrides)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert losses(resumed) == losses(straight)
