@@ -448,6 +448,9 @@ def load_native_checkpoint(run_dir: str | Path, step: int | None = None, *,
     meta = torch.load(folder / "meta.pt", weights_only=True)
     tp, pp = int(meta["tp"]), int(meta["pp"])
     shards = _read_rank_files(folder, tp, pp)
+    if ema and not any(shard.get("ema", {}).get("shadow") for shard in shards.values()):
+        log.warning("%s: the run kept no EMA (optim.ema_decay=0); exporting the live weights", folder)
+        ema = False
     if ema:
         weights = {k: _shard_weights(v, path=folder / f"rank_{k[0]:03d}_{k[1]:03d}.pt")
                    for k, v in shards.items()}
@@ -1072,7 +1075,8 @@ def _load_into_run(run: Any, full: Mapping[str, torch.Tensor], vocab_size: int) 
                            tp=run.info.tp, layer_numbers=layers, vocab_size=vocab_size)
     with torch.no_grad():
         for name, value in exact.items():  # the EMA keeps the export's fp32 values exactly
-            run.ema.shadow[name].copy_(value.float())
+            if name in run.ema.shadow:
+                run.ema.shadow[name].copy_(value.float())
 
 
 def _prime_optimizer_state(engine: Any) -> None:

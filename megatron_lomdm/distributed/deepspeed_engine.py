@@ -21,31 +21,44 @@ multiplied by NaN, so every gradient of the step is NaN and DeepSpeed's overflow
 finite) discards the update and clears its buffers; the loop then skips `step` (it checks the
 loss), and the next `zero_grad` runs that discarding step so no stale gradient survives.
 
+Model-state bytes. `state_bytes()` (logged by the loop after the first update) enumerates this
+rank's tensors (`model_state_bytes`): parameters, gradients at their peak (measured at the end of
+each backward of the first step, before DeepSpeed's reduction frees them), fp32 master + Adam
+state, and DeepSpeed's reduction buckets apart ("buffers", not model state). At DP=2 in fp32 this
+is 4+4+6, 4+2+6 and 2+2+6 B/param for ZeRO-1/2/3, in bf16 2+2+6, 2+1+6 and 1+1+6: ZeRO's
+accounting (performance.md §A2) exactly.
+
 Decisions:
     * The DeepSpeed engine wraps `_TrainingStep`, which runs phase one (LoMDM's clean pass and
       forward head) and phase two of one micro-batch and returns the surrogate as the first
-      output: DeepSpeed registers its backward prologue on the forward's tensor outputs (a
-      `LossTerms` dataclass would hide it), and under ZeRO-3 every parameter use stays inside the
-      engine's forward. DeepSpeed checkpoints therefore name parameters `model.<DiffusionLM name>`.
+      output, which is what gets backpropagated: DeepSpeed hooks its backward prologue and ZeRO-3
+      its pre-backward gathers onto the tensors a forward returns (a `LossTerms` dataclass would
+      hide them), and under ZeRO-3 every parameter use stays inside the engine's forward (the
+      family's parameters, used outside `family.forward`, are registered as external parameters
+      of the root). DeepSpeed checkpoints therefore name parameters `model.<DiffusionLM name>`.
     * ZeRO-3 partitions every parameter (`stage3_param_persistence_threshold=0`; DeepSpeed's
       default keeps tensors under 1e5 elements whole, which on small models means nearly
       everything), so memory follows the ZeRO-3 accounting and the parity tests exercise
       partitioned parameters everywhere. The cost is one gather per small tensor per pass; revisit
       with GPU measurements.
     * EMA under ZeRO-3 is rejected (`optim.ema_decay` must be 0): `training.optim.EMA` holds the
-      full parameters it saw before wrapping, which ZeRO-3 empties. ZeRO 0-2 keep full parameters
-      on every rank (the same `nn.Parameter` objects, re-pointed into DeepSpeed's flat buffers),
-      so the EMA works unchanged.
+      full parameters it saw before wrapping, which ZeRO-3 empties, and gathering them every step
+      would cost a full all-gather plus a full fp32 shadow per rank (4 B/param of ZeRO-3's 10).
+      ZeRO 0-2 keep full parameters on every rank (the same `nn.Parameter` objects, re-pointed
+      into DeepSpeed's flat buffers), so the EMA works unchanged there.
     * bf16: DeepSpeed casts every parameter, the scheduler heads included, to bf16 and keeps the
       fp32 master copy in the optimizer (the megatron backend keeps fp32 parameters fp32).
     * Stage 0 in fp32 has no overflow check in DeepSpeed: the engine clips (and measures the norm)
       itself there, with DeepSpeed's model-parallel-aware `clip_grad_norm_`.
     * Communication buckets are `min(5e8, parameters on this rank)` elements: DeepSpeed's default
       5e8 would allocate 2 GB per bucket even for a tiny model.
+    * Offload (`parallel.cpu_offload`, ZeRO 2/3) uses `DeepSpeedCPUAdam` (DeepSpeed refuses a
+      torch optimizer there); it JIT-compiles `cpu_adam` on first use unless prebuilt.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 from collections.abc import Iterator
@@ -58,14 +71,13 @@ from megatron.core import parallel_state
 from torch import nn
 
 from megatron_lomdm.config import Config
-from megatron_lomdm.distributed.wrap import _is_head
+from megatron_lomdm.distributed.wrap import is_head_param
 from megatron_lomdm.training.step import forward_step
 from megatron_lomdm.utils.logging import get_logger
 
 log = get_logger(__name__)
 CHECKPOINT_TAG = "ds"
 DEFAULT_BUCKET_NUMEL = 500_000_000  # DeepSpeed's reduce/allgather bucket default (elements)
-ADAM_STATE_BYTES = 12  # fp32 master + Adam m + v, per parameter (performance.md §A2, K = 12)
 
 
 def megatron_mpu() -> types.SimpleNamespace:
@@ -97,7 +109,7 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if _is_head(name):
+        if is_head_param(name):
             key = "heads"
         elif len(p.shape) == 1 or name.endswith(".bias"):
             key = "backbone_no_wd"
@@ -133,7 +145,7 @@ class _TrainingStep(nn.Module):
     """One micro-batch of the training step (both LoMDM phases) as the DeepSpeed engine's module.
 
     Returns `(surrogate, terms, diag)`: the surrogate first, so that DeepSpeed attaches its
-    backward hooks to it (see the module docstring).
+    backward hooks to it; the engine backpropagates this output (see the module docstring).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -151,7 +163,7 @@ class _TrainingStep(nn.Module):
         return terms.surrogate, terms, diag
 
 
-def _storages(tensors: list[torch.Tensor], seen: set[int]) -> int:
+def _storages(tensors: list[torch.Tensor | None], seen: set[int]) -> int:
     """Bytes of the distinct storages behind `tensors` not already in `seen` (views count once)."""
     total = 0
     for t in tensors:
@@ -183,55 +195,34 @@ _GRAD_ATTRS = ("averaged_gradients", "grads_in_partition", "grad_partitions_flat
 _MASTER_ATTRS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition")
 
 
-def model_state_bytes(engine: DeepSpeedEngine) -> dict[str, float]:
+def model_state_bytes(engine: DeepSpeedEngine) -> dict[str, int]:
     """This rank's bytes of parameters, gradients and optimizer state right now, by enumerating tensors.
 
     Parameters: the model's parameter storages (under ZeRO-3 the local partitions). Gradients:
     `.grad` of parameters and master partitions plus DeepSpeed's gradient partitions. Optimizer:
-    the fp32 master partitions and the optimizer's state tensors (Adam m, v). Views of one flat
-    buffer count once, padding included. Communication buckets are not model state and are left
-    out. `*_per_param` divide by this rank's (TP slice's) full parameter count.
+    the fp32 master partitions and the optimizer's state tensors (Adam m, v). Buffers: DeepSpeed's
+    gradient-reduction buckets, which are not model state (ZeRO's accounting leaves them out);
+    gradients waiting in a bucket count there. Views of one flat buffer count once, padding
+    included. `num_params` is this rank's (TP slice's) full parameter count, partitioned or not.
 
-    Gradients exist between a backward and the step (ZeRO-1 holds them whole until the last
-    backward of the step reduces them to partitions), the Adam state only after the first step:
-    `DeepSpeedEngine.state_bytes` combines the gradient peak over the first step's backwards with
-    the rest measured after that step.
+    Gradients exist only between a backward and the step (ZeRO-1 holds them whole until the last
+    backward of a step reduces them to partitions), the Adam state only after the first step; see
+    `DeepSpeedEngine.state_bytes` for the per-run figure.
     """
-    ds = engine.ds
-    opt = ds.optimizer
+    opt = engine.ds.optimizer
     params = list(engine.module.parameters())
-    num_params = sum(getattr(p, "ds_numel", p.numel()) for p in params)
     seen: set[int] = set()
-    param_tensors = [getattr(p, "ds_tensor", None) for p in params] + [p.data for p in params]
-    param_bytes = _storages(param_tensors, seen)
+    param_bytes = _storages([getattr(p, "ds_tensor", None) for p in params] + [p.data for p in params], seen)
+    buckets = getattr(opt, "ipg_buckets", None) or {}
+    buffer_bytes = _storages([t for b in buckets.values() for t in _flat(getattr(b, "buffer", None))], seen)
     masters = [t for a in _MASTER_ATTRS for t in _flat(getattr(opt, a, None))]
     grad_tensors = [p.grad for p in params] + [t.grad for t in masters]
     grad_tensors += [t for a in _GRAD_ATTRS for t in _flat(getattr(opt, a, None))]
     grad_bytes = _storages(grad_tensors, seen)
     inner = getattr(opt, "optimizer", opt)
-    states = [t for state in inner.state.values() for t in state.values()
-              if isinstance(t, torch.Tensor) and t.dim() > 0]
-    optim_bytes = _storages(masters + states, seen)
-    out = {"num_params": float(num_params), "params": float(param_bytes), "grads": float(grad_bytes),
-           "optimizer": float(optim_bytes)}
-    for key in ("params", "grads", "optimizer"):
-        out[f"{key}_per_param"] = out[key] / max(num_params, 1)
-    out["total_per_param"] = (param_bytes + grad_bytes + optim_bytes) / max(num_params, 1)
-    return out
-
-
-def theory_bytes_per_param(stage: int, dp: int, *, param_bytes: int, grad_bytes: int,
-                           optimizer_bytes: int = ADAM_STATE_BYTES) -> dict[str, float]:
-    """ZeRO's model-state accounting (performance.md §A2) for `dp` data-parallel ranks.
-
-    Stage 1 shards the optimizer state, stage 2 also the gradients, stage 3 also the parameters;
-    stage 0 shards nothing. Mixed precision (2, 2, 12) gives §A2's 4 + 12/Nd, 2 + 14/Nd, 16/Nd.
-    """
-    params = param_bytes / dp if stage >= 3 else float(param_bytes)
-    grads = grad_bytes / dp if stage >= 2 else float(grad_bytes)
-    optim = optimizer_bytes / dp if stage >= 1 else float(optimizer_bytes)
-    return {"params_per_param": params, "grads_per_param": grads, "optimizer_per_param": optim,
-            "total_per_param": params + grads + optim}
+    states = [t for st in inner.state.values() for t in st.values() if isinstance(t, torch.Tensor) and t.dim() > 0]
+    return {"params": param_bytes, "grads": grad_bytes, "optimizer": _storages(masters + states, seen),
+            "buffers": buffer_bytes, "num_params": sum(getattr(p, "ds_numel", p.numel()) for p in params)}
 
 
 class DeepSpeedEngine:
@@ -272,14 +263,15 @@ class DeepSpeedEngine:
                                   bucket_numel=min(DEFAULT_BUCKET_NUMEL, max(numel, 1)),
                                   engine_clips=self._engine_clips)
         step_module = _TrainingStep(model)
-        self.ds, _, _, _ = deepspeed.initialize(model=step_module, optimizer=optimizer, config=config,
-                                                mpu=self._mpu, dist_init_required=False)
-        if stage == 3:  # parameters used outside their module's forward must be gathered with the root's
+        if stage == 3:  # the family's parameters are used in DiffusionLM.forward, not in family.forward
             for p in model.family.parameters():
                 deepspeed.zero.register_external_parameter(step_module, p)
+        self.ds, _, _, _ = deepspeed.initialize(model=step_module, optimizer=optimizer, config=config,
+                                                mpu=self._mpu, dist_init_required=False)
         self._pending = False  # a training forward_backward whose gradients no step() consumed yet
-        self.state_bytes: dict[str, float] | None = None
-        self._peak_grads: dict[str, float] | None = None
+        self._updated = False  # an update has been applied (the first step is over)
+        self._peak = {"grads": 0, "buffers": 0}  # largest bytes seen in a backward before the first update
+        self._watching = False  # DeepSpeed's end-of-backward reduction is wrapped to measure gradients
         log.info("DeepSpeed ZeRO-%d engine: dp=%d tp=%d, %d micro-batches per step, groups %s, optimizer %s%s",
                  stage, self.dp, parallel_state.get_tensor_model_parallel_world_size(), self.num_microbatches,
                  described, type(optimizer).__name__,
@@ -298,10 +290,15 @@ class DeepSpeedEngine:
     # ---- forward / backward ---------------------------------------------------------------------
     def _call_module(self, tokens_BL: torch.Tensor, valid_BL: torch.Tensor, index_B: torch.Tensor, step: int,
                      fwd_logits_BL: torch.Tensor | None = None) -> tuple[Any, dict[str, torch.Tensor]]:
-        """The model as `training.step.forward_step` calls it; phase one runs inside the engine."""
+        """The model as `training.step.forward_step` calls it; phase one runs inside the engine.
+
+        The surrogate to backpropagate is the engine's first output, not `terms.surrogate`: the
+        engine hooks its backward prologue (and ZeRO-3 its pre-backward gathers) onto the tensors
+        its forward returns.
+        """
         assert fwd_logits_BL is None, "phase one runs inside the DeepSpeed engine's forward"
-        _, terms, diag = self.ds(tokens_BL, valid_BL, index_B, step)
-        return terms, diag
+        surrogate, terms, diag = self.ds(tokens_BL, valid_BL, index_B, step)
+        return dataclasses.replace(terms, surrogate=surrogate), diag
 
     def _micro_batch(self, step: int, device: torch.device, j: int, batch: dict) -> tuple[torch.Tensor, dict]:
         surrogate, close = forward_step(step, device, None, iter([(j, batch)]), self._call_module)
@@ -331,6 +328,8 @@ class DeepSpeedEngine:
         num_tokens = self._global_tokens(batches, device)
         scale = self.dp / max(num_tokens, 1)  # DeepSpeed averages over DP: surrogate * DP / N -> sum / N
         reports = []
+        if not self._updated and not self._watching:
+            self._watch_gradient_peak()
         for j, batch in enumerate(batches):
             self.ds.set_gradient_accumulation_boundary(j == num_microbatches - 1)
             loss, report = self._micro_batch(step, device, j, batch)
@@ -338,14 +337,29 @@ class DeepSpeedEngine:
             poison = torch.where(torch.isfinite(loss.detach()), 1.0, math.nan)
             self.ds.backward(loss * (poison * scale), scale_wrt_gas=False)
             reports.append(report)
-            if self.state_bytes is None:  # first step: gradient bytes peak after some backward
-                now = model_state_bytes(self)
-                if self._peak_grads is None or now["grads"] > self._peak_grads["grads"]:
-                    self._peak_grads = now
+            if self._watching:  # after DeepSpeed's reduction (partitions, accumulation buffers)
+                self._measure_peak()
         self._pending = True
         local = sum(int(b["valid"].sum()) for b in batches)
         assert sum(int(r["num_tokens"]) for r in reports) == local, "loss num_tokens != valid positions"
         return reports
+
+    def _watch_gradient_peak(self) -> None:
+        """Measure gradient bytes at the end of each backward, before DeepSpeed's reduction frees
+        them (ZeRO 0/1 hold every full gradient exactly then), until the first update."""
+        reduce = self.ds.allreduce_gradients  # the engine calls it once, at the end of each backward
+
+        def measured_reduce(*args: Any, **kwargs: Any) -> None:
+            self._measure_peak()
+            reduce(*args, **kwargs)
+
+        self.ds.allreduce_gradients = measured_reduce  # instance attribute: removed after the first update
+        self._watching = True
+
+    def _measure_peak(self) -> None:
+        now = model_state_bytes(self)
+        for key in self._peak:
+            self._peak[key] = max(self._peak[key], now[key])
 
     # ---- optimizer --------------------------------------------------------------------------------
     def zero_grad(self) -> None:
@@ -363,7 +377,6 @@ class DeepSpeedEngine:
     def step(self) -> tuple[bool, float]:
         """Apply the update unless the global gradient norm is not finite; returns (applied, norm)."""
         self._pending = False
-        first = self.state_bytes is None and self._peak_grads is not None
         if self._engine_clips:
             applied, norm = self._clipped_step()
         else:
@@ -371,8 +384,10 @@ class DeepSpeedEngine:
             value = self.ds.get_global_grad_norm()
             norm = float(value) if value is not None else math.nan
             applied = bool(self.ds.was_step_applied()) and math.isfinite(norm)
-        if first and applied:
-            self._record_state_bytes(self._peak_grads)
+        self._updated |= applied
+        if self._updated and self._watching:  # the gradient peak of the first update is known
+            del self.ds.allreduce_gradients
+            self._watching = False
         return applied, norm
 
     def _clipped_step(self) -> tuple[bool, float]:
@@ -388,20 +403,17 @@ class DeepSpeedEngine:
         self.ds.step()
         return True, norm
 
-    def _record_state_bytes(self, peak: dict[str, float]) -> None:
-        """Log (once) this rank's model-state bytes: gradients at their peak, the rest after the step."""
-        after = model_state_bytes(self)
-        self.state_bytes = {**after, "grads": peak["grads"], "grads_per_param": peak["grads_per_param"]}
-        s = self.state_bytes
-        s["total_per_param"] = s["params_per_param"] + s["grads_per_param"] + s["optimizer_per_param"]
-        elt = next(self.module.parameters()).element_size()
-        theory = theory_bytes_per_param(self.stage, self.dp, param_bytes=elt, grad_bytes=elt)
-        log.info("model state per rank (ZeRO-%d, dp=%d, %.3fM params): params %.2f MB, grads %.2f MB (at the "
-                 "peak), optimizer %.2f MB = %.2f + %.2f + %.2f = %.2f B/param (ZeRO theory %.2f + %.2f + "
-                 "%.2f = %.2f)", self.stage, self.dp, s["num_params"] / 1e6, s["params"] / 2**20,
-                 s["grads"] / 2**20, s["optimizer"] / 2**20, s["params_per_param"], s["grads_per_param"],
-                 s["optimizer_per_param"], s["total_per_param"], theory["params_per_param"],
-                 theory["grads_per_param"], theory["optimizer_per_param"], theory["total_per_param"])
+    def state_bytes(self) -> dict[str, int]:
+        """This rank's model-state bytes (`model_state_bytes`), gradients and buckets at their peak.
+
+        DeepSpeed frees gradients and buckets in its reduction and step, so until the first update
+        the engine measures them at the end of every backward (before and after the reduction) and
+        reports the largest figures.
+        """
+        now = model_state_bytes(self)
+        for key, peak in self._peak.items():
+            now[key] = max(now[key], peak)
+        return now
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -52,7 +52,7 @@ class Engine(Protocol):
     def load_sharded(self, folder: Path) -> None: ...
 
 
-def _is_head(name: str) -> bool:
+def is_head_param(name: str) -> bool:
     return name.startswith(HEAD_PREFIXES) or any(f".{p}" in name for p in HEAD_PREFIXES)
 
 
@@ -91,9 +91,9 @@ class MegatronEngine:
             params_dtype=torch.bfloat16 if bf16 else torch.float32,
             use_distributed_optimizer=distributed_optimizer,
         )
-        heads = ParamKey(with_name_predicate=ParamWithNamePredicate(name="scheduler_heads", fn=lambda p, n: _is_head(n)))
+        heads = ParamKey(with_name_predicate=ParamWithNamePredicate(name="scheduler_heads", fn=lambda p, n: is_head_param(n)))
         no_wd = ParamKey(with_name_predicate=ParamWithNamePredicate(
-            name="no_wd", fn=lambda p, n: (len(p.shape) == 1 or n.endswith(".bias")) and not _is_head(n)))
+            name="no_wd", fn=lambda p, n: (len(p.shape) == 1 or n.endswith(".bias")) and not is_head_param(n)))
         overrides = {no_wd: ParamGroupOverride(wd_mult=0.0)}
         if cfg.optim.head_lr:
             # lr_mult (not max_lr): megatron matches checkpointed param groups by (wd_mult, lr_mult, ...)

@@ -23,13 +23,15 @@ class EMA:
     """Exponential moving average of named parameters (each rank keeps the shards it owns), in fp32.
 
     The state dict maps parameter names (as in `model.named_parameters()`) to fp32 tensors, so
-    exporters can read EMA weights by name.
+    exporters can read EMA weights by name. With decay 0 it is disabled: no shadow, evaluation and
+    export use the live weights.
     """
 
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], decay: float) -> None:
         self.decay = decay
-        self.params = dict(named_params)
-        self.shadow = {name: p.detach().float().clone() for name, p in named_params}
+        tracked = list(named_params) if decay > 0 else []  # decay 0 disables the EMA (no shadow at all)
+        self.params = dict(tracked)
+        self.shadow = {name: p.detach().float().clone() for name, p in tracked}
 
     @torch.no_grad()
     def update(self) -> None:
