@@ -18,7 +18,7 @@ def _pins() -> dict[str, str]:
 
 PINS = _pins()
 RUNTIME = ["torch", "megatron-core", "deepspeed", "webdataset", "wids", "mlflow", "submitit", "pyyaml",
-           "transformers", "tokenizers", "safetensors", "numpy", "tqdm", "ninja"]
+           "transformers", "tokenizers", "safetensors", "numpy", "tqdm", "ninja", "datasets", "pyarrow"]
 TEST = ["pytest", "pytest-timeout"]
 
 setup(

@@ -117,12 +117,60 @@ class DiffusionConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    train: str = ""
-    """Folder written by tools/preprocess_data.py (its manifest.json names the shards)."""
+    train: str | list[dict] = ""
+    """Shards written by tools/preprocess_data.py: a folder (or its manifest.json), a file://,
+    http(s):// or pipe: source of its manifest, or a brace pattern of shard locations
+    (e.g. pipe:aws s3 cp s3://b/owt/train-{000000..000141}.tar -); or a weighted blend: a list of
+    {source: SPEC, weight: W, name: NAME (optional)} with one tokenizer."""
     valid: str = ""
-    """Validation shard folder; empty means the valid split of data.train."""
+    """Validation shards (any single source spec); empty means the valid split of data.train
+    (of its first source for a blend)."""
     shuffle: bool = True
     """Shuffle the global sample order each epoch (seeded by train.seed)."""
+    cache_dir: str = ""
+    """Where http(s):// and pipe: shards are downloaded (verified against the manifest's sha256);
+    empty means RUN_DIR/data_cache. A node-local disk downloads once per node, a shared file
+    system once per job."""
+    cache_max_gb: float = 0.0
+    """Bound on the shard cache of each source (least recently used shards evicted); 0 = none."""
+    retries: int = 3
+    """Retries of a failing shard read (pipe: exit status, HTTP error, bad checksum) before the
+    run stops naming the shard (or skips it, see skip_bad_shards)."""
+    retry_wait_s: float = 2.0
+    """Back-off before the first retry; doubles each retry (at most 60 s)."""
+    timeout_s: float = 300.0
+    """An HTTP read or a pipe: command that stalls this long fails the attempt."""
+    skip_bad_shards: bool = False
+    """Skip a shard that is still unreadable after the retries (its rows become empty rows, the
+    skip is logged and counted in data/skipped_shards) instead of stopping the run."""
+    prefetch_shards: int = 4
+    """Remote shards downloaded ahead of use in background threads; 0 disables."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, list):
+            if not self.train:
+                _fail("data.train", "a blend must list at least one {source, weight}")
+            for i, entry in enumerate(self.train):
+                key = f"data.train[{i}]"
+                if not isinstance(entry, dict):
+                    _fail(key, f"expected a mapping {{source, weight}}, got {entry!r}")
+                unknown = set(entry) - {"source", "weight", "name"}
+                if unknown:
+                    _fail(key, f"unknown key(s) {sorted(unknown)}; allowed: name, source, weight")
+                source, weight = entry.get("source"), entry.get("weight")
+                if not isinstance(source, str) or not source.strip():
+                    _fail(f"{key}.source", f"expected a non-empty string, got {source!r}")
+                if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+                    _fail(f"{key}.weight", f"expected a number > 0, got {weight!r}")
+                if not isinstance(entry.get("name", ""), str):
+                    _fail(f"{key}.name", f"expected a string, got {entry['name']!r}")
+        for name in ("retries", "prefetch_shards"):
+            if getattr(self, name) < 0:
+                _fail(f"data.{name}", f"must be >= 0, got {getattr(self, name)}")
+        if self.retry_wait_s < 0 or self.cache_max_gb < 0:
+            _fail("data", "retry_wait_s and cache_max_gb must be >= 0")
+        if self.timeout_s <= 0:
+            _fail("data.timeout_s", f"must be > 0, got {self.timeout_s}")
 
 
 @dataclass(kw_only=True)

@@ -19,6 +19,16 @@ The position is ``(consumed global batches, micro-batch within the current one)`
 a pure function of the seed, so ``load_state_dict`` restores the stream exactly, also under a
 different DP size or micro-batch size when saved at a step boundary.
 
+Sources (``data.sources``): ``path`` may also be a ``file://``, ``http(s)://`` or ``pipe:`` source
+or a brace pattern of shard locations. The order is defined over the manifest's shard entries
+(never over where they are), remote shards are fetched into a local cache (verified against the
+manifest's sha256) and then read by the same random access, so global batches, the DP split and
+the resume position are identical for a local folder and for its copy behind a URL. The shards
+this rank will need next (in its order of first use) are prefetched in the background. A shard
+that stays unavailable after ``retries`` stops the iteration with ``ShardUnavailableError`` naming
+it, or, with ``skip_bad_shards``, gives empty rows (``valid`` all False) and is counted in
+``stats()``.
+
 Each micro-batch is a dict (shapes: B = micro_batch_size, L = seq_length)::
 
     tokens         (B, L) int64      token ids, pad_id beyond each row's length
@@ -41,49 +51,75 @@ import numpy as np
 import torch
 
 from megatron_lomdm.data.shards import Manifest, ShardFile, check_tokenizer_compat, read_manifest
+from megatron_lomdm.data.sources import ShardSource, ShardStore, SourceOptions, open_source
 
-__all__ = ["ShardLoader", "check_tokenizer_compat", "read_manifest"]
+__all__ = ["ShardLoader", "SourceOptions", "check_tokenizer_compat", "read_manifest"]
 
 _STATE_VERSION = 1
 _MAX_OPEN_SHARDS = 16
+
+
+def reduce_counters(
+    sums: np.ndarray, maxes: np.ndarray, group: Any = None, device: torch.device | str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sum ``sums`` and take the max of ``maxes`` over ``group`` (no-op without one)."""
+    import torch.distributed as dist
+
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return sums, maxes
+    if dist.get_world_size(group) == 1:
+        return sums, maxes
+    a = torch.as_tensor(sums, dtype=torch.float64, device=device)
+    b = torch.as_tensor(maxes, dtype=torch.float64, device=device)
+    dist.all_reduce(a, group=group)
+    dist.all_reduce(b, op=dist.ReduceOp.MAX, group=group)
+    return a.cpu().numpy(), b.cpu().numpy()
 
 
 class ShardLoader:
     """Iterate micro-batches of one DP rank over a shard folder (infinite unless ``num_epochs``).
 
     Args:
-        path: the shard folder (or its ``manifest.json``).
+        path: the shard folder (or its ``manifest.json``), any source spec of
+            ``data.sources`` (``file://``, ``http(s)://``, ``pipe:``, a brace pattern of shard
+            locations) or an already resolved ``ShardSource``.
         micro_batch_size: rows per yielded micro-batch.
         global_batch_size: rows per optimizer step over all DP ranks; a multiple of
             ``dp_size * micro_batch_size``.
         dp_rank: this process's data-parallel rank (from megatron ``parallel_state``).
         dp_size: the data-parallel world size.
         seed: seeds the per-epoch order.
-        split: ``train`` or ``valid``.
+        split: ``train`` or ``valid``; ``None``: the split a pattern's shards belong to, else
+            ``train``.
         shuffle: shuffle (else the stored order every epoch).
         shuffle_window_shards: shards whose samples are shuffled together.
         drop_last: drop the last incomplete global batch of each epoch; otherwise fill it up with
             empty rows (``valid`` all False).
         num_epochs: stop after this many epochs; ``None`` iterates forever.
+        source_options: fetching, caching, retries and skipping for remote sources (and retries /
+            skipping for local ones); ``None``: ``SourceOptions()``.
 
     Raises:
         ValueError: inconsistent batch sizes or ranks, or a split smaller than one global batch.
+        ShardUnavailableError: (while iterating) a shard unreadable after all retries, unless
+            ``source_options.skip_bad_shards``.
     """
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | ShardSource,
         *,
         micro_batch_size: int,
         global_batch_size: int,
         dp_rank: int,
         dp_size: int,
         seed: int,
-        split: str = "train",
+        split: str | None = None,
         shuffle: bool = True,
         shuffle_window_shards: int = 8,
         drop_last: bool = True,
         num_epochs: int | None = None,
+        source_options: SourceOptions | None = None,
     ) -> None:
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} is not in [0, dp_size={dp_size})")
@@ -94,7 +130,12 @@ class ShardLoader:
             )
         if shuffle_window_shards < 1:
             raise ValueError(f"shuffle_window_shards must be >= 1, got {shuffle_window_shards}")
-        self.manifest: Manifest = read_manifest(path)
+        self.source_options = source_options or SourceOptions()
+        self.source: ShardSource = (
+            path if isinstance(path, ShardSource) else open_source(path, split, self.source_options)
+        )
+        self.manifest: Manifest = self.source.manifest
+        split = self.source.split
         self.split, self.seed, self.shuffle = split, int(seed), bool(shuffle)
         self.shuffle_window_shards, self.drop_last, self.num_epochs = (
             shuffle_window_shards,
@@ -105,8 +146,8 @@ class ShardLoader:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seq_length = self.manifest.seq_length
         self.pad_id = int(self.manifest.tokenizer["pad_id"])
-        shards = self.manifest.split(split)["shards"]
-        self._paths = self.manifest.shard_paths(split)
+        shards = self.source.shards
+        self._store = ShardStore(self.source, self.source_options)
         self._shard_rows = np.array([s["num_samples"] for s in shards], dtype=np.int64)
         self._shard_start = np.concatenate([[0], np.cumsum(self._shard_rows)]).astype(np.int64)
         self.num_samples = int(self._shard_start[-1])
@@ -114,18 +155,21 @@ class ShardLoader:
         self.batches_per_epoch = full if drop_last or not rest else full + 1
         if self.batches_per_epoch == 0:
             raise ValueError(
-                f"split {split!r} of {self.manifest.root} has {self.num_samples} samples, "
+                f"split {split!r} of {self.source.spec.text} has {self.num_samples} samples, "
                 f"fewer than "
                 f"global_batch_size={global_batch_size}"
             )
         self.rows_per_rank = global_batch_size // dp_size
         self.num_micro_batches = self.rows_per_rank // micro_batch_size
-        self.fingerprint = self.manifest.fingerprint(split)
+        self.fingerprint = self.source.fingerprint
         self._split_code = zlib.crc32(split.encode())
         self._order_cache: tuple[int, np.ndarray] | None = None
         self._files: collections.OrderedDict[int, ShardFile] = collections.OrderedDict()
         self._global_batch = 0
         self._micro_batch = 0
+        self._skipped_samples = 0
+        self._first_use: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._prefetched_upto: tuple[int, int] = (-1, -1)
 
     # ---- the order ---------------------------------------------------------------------------
 
@@ -160,16 +204,13 @@ class ShardLoader:
 
     # ---- reading -----------------------------------------------------------------------------
 
-    def _shard(self, shard: int) -> ShardFile:
+    def _shard(self, shard: int) -> ShardFile | None:
         if shard in self._files:
             self._files.move_to_end(shard)
             return self._files[shard]
-        reader = ShardFile(
-            self._paths[shard],
-            dtype=self.manifest.dtype,
-            seq_length=self.seq_length,
-            expected_rows=int(self._shard_rows[shard]),
-        )
+        reader = self._store.open(shard, dtype=self.manifest.dtype, seq_length=self.seq_length)
+        if reader is None:  # skipped (skip_bad_shards)
+            return None
         self._files[shard] = reader
         if len(self._files) > _MAX_OPEN_SHARDS:
             self._files.popitem(last=False)[1].close()
@@ -177,6 +218,8 @@ class ShardLoader:
 
     def read_samples(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Read samples by split index (-1: an empty filler row).
+
+        Rows of a skipped shard (``skip_bad_shards``) come back like filler rows (length 0).
 
         Returns:
             ``tokens`` (n, L) int64 and ``lengths`` (n,) int64.
@@ -187,7 +230,11 @@ class ShardLoader:
         shard_of = np.searchsorted(self._shard_start, indices[real], side="right") - 1
         for shard in np.unique(shard_of).tolist():
             rows = real[shard_of == shard]
-            got, got_lengths = self._shard(shard).read(indices[rows] - self._shard_start[shard])
+            reader = self._shard(shard)
+            if reader is None:
+                self._skipped_samples += len(rows)
+                continue
+            got, got_lengths = reader.read(indices[rows] - self._shard_start[shard])
             tokens[rows] = got
             lengths[rows] = got_lengths
         return tokens, lengths
@@ -202,6 +249,8 @@ class ShardLoader:
         epoch = g // self.batches_per_epoch
         if self.num_epochs is not None and epoch >= self.num_epochs:
             raise StopIteration
+        if m == 0 and self.source.remote:
+            self._prefetch(g)
         first = self.dp_rank * self.rows_per_rank + m * self.micro_batch_size
         positions = np.arange(first, first + self.micro_batch_size, dtype=np.int64)
         tokens, lengths = self.read_samples(self.global_batch_indices(g)[positions])
@@ -272,6 +321,11 @@ class ShardLoader:
                 shuffle settings or global batch size, or was saved mid-step under another
                 micro-batch size or DP size.
         """
+        if state.get("kind", "single") != "single":
+            raise ValueError(
+                f"loader state was saved by a {state.get('kind')} loader (data.train was a blend) "
+                "but data.train is now a single source"
+            )
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')} is not {_STATE_VERSION}")
         if state["fingerprint"] != self.fingerprint:
@@ -311,6 +365,85 @@ class ShardLoader:
         self._global_batch, self._micro_batch = consumed, int(state["micro_batch"])
 
     def close(self) -> None:
-        """Release the open shards."""
+        """Release the open shards and stop prefetching."""
         while self._files:
             self._files.popitem()[1].close()
+        self._store.close()
+
+    # ---- remote sources ----------------------------------------------------------------------
+
+    def _rank_first_use(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's shards in order of first use in ``epoch``, and the batch of that use."""
+        if self._first_use is not None and self._first_use[0] == epoch:
+            return self._first_use[1], self._first_use[2]
+        order = self.epoch_order(epoch)
+        G, R = self.global_batch_size, self.rows_per_rank
+        n_batches = -(-len(order) // G)
+        padded = np.full(n_batches * G, -1, dtype=np.int64)
+        padded[: len(order)] = order
+        mine = padded.reshape(n_batches, G)[:, self.dp_rank * R : (self.dp_rank + 1) * R].ravel()
+        batch_of = np.repeat(np.arange(n_batches), R)
+        keep = mine >= 0
+        shard_of = np.searchsorted(self._shard_start, mine[keep], side="right") - 1
+        shards, first = np.unique(shard_of, return_index=True)
+        by_use = np.argsort(first, kind="stable")
+        result = (shards[by_use], batch_of[keep][first[by_use]])
+        self._first_use = (epoch, *result)
+        return result
+
+    def _prefetch(self, global_batch: int) -> None:
+        """Ask the store for the next ``prefetch_shards`` shards this rank will open."""
+        ahead = self.source_options.prefetch_shards
+        if not ahead:
+            return
+        epoch, batch = divmod(global_batch, self.batches_per_epoch)
+        shards, first_batch = self._rank_first_use(epoch)
+        start = int(np.searchsorted(first_batch, batch, side="right"))
+        if (epoch, start) == self._prefetched_upto:
+            return
+        self._prefetched_upto = (epoch, start)
+        self._store.prefetch(shards[start : start + ahead].tolist())
+
+    def stats(
+        self, group: Any = None, device: torch.device | str | None = None
+    ) -> dict[str, float]:
+        """Data counters for the metrics: skipped shards and samples, fetches, failed attempts.
+
+        Keys: ``data/skipped_shards`` (the most any rank skipped), ``data/skipped_samples`` (rows
+        that came from skipped shards as empty rows), ``data/fetched_shards``,
+        ``data/fetched_gb``, ``data/fetch_s``, ``data/failed_attempts``,
+        ``data/cache_evictions``: cumulative since this process started.
+
+        Args:
+            group: a process group (the data-parallel group) to sum the counters over; every rank
+                of it must call ``stats`` at the same point. ``None``: this process only.
+            device: where the reduction tensor lives (the rank's device for NCCL).
+        """
+        store = self._store.stats()
+        sums = np.array(
+            [
+                self._skipped_samples,
+                store["fetched_shards"],
+                store["fetched_bytes"] / 1e9,
+                store["fetch_seconds"],
+                store["failed_attempts"],
+                store["cache_evictions"],
+            ],
+            dtype=np.float64,
+        )
+        maxes = np.array([store["skipped_shards"]], dtype=np.float64)
+        sums, maxes = reduce_counters(sums, maxes, group, device)
+        return {
+            "data/skipped_shards": float(maxes[0]),
+            "data/skipped_samples": float(sums[0]),
+            "data/fetched_shards": float(sums[1]),
+            "data/fetched_gb": float(sums[2]),
+            "data/fetch_s": float(sums[3]),
+            "data/failed_attempts": float(sums[4]),
+            "data/cache_evictions": float(sums[5]),
+        }
+
+    @property
+    def skipped_shards(self) -> dict[str, str]:
+        """Shards skipped so far in this process: ``{name: error}``."""
+        return {self._store.name(i): err for i, err in self._store.bad.items()}

@@ -57,16 +57,19 @@ from typing import Any
 import numpy as np
 
 from megatron_lomdm.data.tokenize import (
+    DETOKENIZERS,
     ERROR_REASONS,
     BadRecord,
     DocumentEncoder,
     EncodedBatch,
+    HFDatasetInput,
     TokenizerInfo,
     bad_record_message,
     batched_records,
     encode_in_worker,
     expand_inputs,
     init_worker,
+    is_datasets_file,
     load_tokenizer,
 )
 from megatron_lomdm.utils.logging import get_logger
@@ -310,10 +313,19 @@ class Manifest:
     """A parsed ``manifest.json`` and where it was read from.
 
     Indexing (``manifest["layout"]``) reads the raw JSON; the properties are typed shortcuts.
+    ``source`` is empty for a local folder; for a remote source (``http(s)://``, ``pipe:``; see
+    ``data.sources``) it is where the manifest came from, and ``path`` is its copy in the shard
+    cache (the folder the shards are downloaded to).
     """
 
     path: Path
     data: dict[str, Any]
+    source: str = ""
+
+    @property
+    def location(self) -> str:
+        """Where the manifest was read from: its URL / ``pipe:`` command, or its local path."""
+        return self.source or str(self.path)
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
@@ -378,16 +390,24 @@ class Manifest:
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def read_manifest(path: str | Path) -> Manifest:
-    """Read and validate the manifest of a shard folder.
+def read_manifest(path: str | Path | list[Any]) -> Manifest:
+    """Read and validate the manifest of a shard folder or of any shard source.
 
     Args:
-        path: the folder written by ``tools/preprocess_data.py`` or its ``manifest.json``.
+        path: the folder written by ``tools/preprocess_data.py`` or its ``manifest.json``; or any
+            source spec of ``data.sources`` (``file://``, ``http(s)://``, ``pipe:``, a brace
+            pattern of shard locations), whose manifest is fetched from next to the shards; or a
+            ``data.train`` blend (a list of ``{source, weight}``), which gives the manifest of its
+            first source after checking that every source has the same tokenizer and length.
 
     Raises:
         ValueError: no manifest (not a shard folder, or an incomplete one), another format, a
             newer format version, or a manifest not marked complete.
     """
+    if isinstance(path, (list, tuple)) or _is_source_spec(str(path)):
+        from megatron_lomdm.data.sources import read_source_manifest  # noqa: PLC0415 (cycle)
+
+        return read_source_manifest(path)
     path = Path(path)
     file = path / MANIFEST_NAME if path.is_dir() or not path.suffix else path
     if not file.is_file():
@@ -395,12 +415,30 @@ def read_manifest(path: str | Path) -> Manifest:
             f"{file}: no manifest; {file.parent} is not a complete shard folder written by "
             "tools/preprocess_data.py"
         )
+    data = parse_manifest(file.read_bytes(), str(file))
+    return Manifest(path=file.resolve(), data=data)
+
+
+def _is_source_spec(text: str) -> bool:
+    from megatron_lomdm.data.sources import is_source_spec  # noqa: PLC0415 (cycle)
+
+    return is_source_spec(text)
+
+
+def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
+    """Parse and validate the bytes of a ``manifest.json`` read from ``where`` (for messages).
+
+    Raises:
+        ValueError: not JSON, another format, a newer format version, or not marked complete.
+    """
+    file = where
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{file}: not valid JSON ({err})") from err
-    if data.get("format") != FORMAT_NAME:
-        raise ValueError(f"{file}: format {data.get('format')!r} is not {FORMAT_NAME!r}")
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{file}: format {got!r} is not {FORMAT_NAME!r}")
     if int(data.get("format_version", -1)) > FORMAT_VERSION:
         raise ValueError(
             f"{file}: format_version {data.get('format_version')} is newer than this code "
@@ -408,7 +446,7 @@ def read_manifest(path: str | Path) -> Manifest:
         )
     if data.get("complete") is not True:
         raise ValueError(f"{file}: the manifest is not marked complete")
-    return Manifest(path=file.resolve(), data=data)
+    return data
 
 
 def check_tokenizer_compat(
@@ -684,14 +722,27 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 
 class _Consumer:
-    """Turns encoded batches into rows of the two splits and applies the bad-record policy."""
+    """Turns encoded batches into rows of the two splits and applies the bad-record policy.
+
+    With ``valid_last`` > 0 the valid split is the last ``valid_last`` documents of the input
+    order (held back until the end; the earlier ones go to train as soon as they are known not to
+    be among the last).
+    """
 
     def __init__(
-        self, files: list[Path], splits: dict[str, Any], skip_bad: bool, progress: _Progress
+        self,
+        files: Sequence[Any],
+        splits: dict[str, Any],
+        skip_bad: bool,
+        progress: _Progress,
+        valid_last: int = 0,
     ) -> None:
         self.files, self.splits, self.skip_bad, self.progress = files, splits, skip_bad, progress
         self.rejected: collections.Counter[str] = collections.Counter()
         self.examples: dict[str, list[str]] = collections.defaultdict(list)
+        self.valid_last = valid_last
+        self.held: collections.deque[tuple[np.ndarray, np.ndarray]] = collections.deque()
+        self.held_docs = 0
 
     def __call__(self, batch: EncodedBatch) -> None:
         path = self.files[batch.file_index]
@@ -702,6 +753,12 @@ class _Consumer:
             if len(self.examples[reason]) < 5:
                 self.examples[reason].append(f"{path}:{line}")
         doc_ends = np.cumsum(batch.lengths)
+        if self.valid_last:
+            self._hold(batch.ids, batch.lengths)
+            self.progress.update(
+                len(batch.lengths), int(doc_ends[-1]) if len(doc_ends) else 0, batch.num_bytes
+            )
+            return
         for name, selected in (("train", ~batch.to_valid), ("valid", batch.to_valid)):
             if not selected.any():
                 continue
@@ -712,6 +769,33 @@ class _Consumer:
         self.progress.update(
             len(batch.lengths), int(doc_ends[-1]) if len(doc_ends) else 0, batch.num_bytes
         )
+
+    def _hold(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+        if not len(lengths):
+            return
+        self.held.append((ids, lengths))
+        self.held_docs += len(lengths)
+        excess = self.held_docs - self.valid_last
+        while excess > 0:
+            first_ids, first_lengths = self.held[0]
+            if len(first_lengths) <= excess:
+                self.held.popleft()
+                self.splits["train"].add(first_ids, first_lengths)
+                self.held_docs -= len(first_lengths)
+                excess -= len(first_lengths)
+            else:
+                cut = int(first_lengths[:excess].sum())
+                self.splits["train"].add(first_ids[:cut], first_lengths[:excess])
+                self.held[0] = (first_ids[cut:], first_lengths[excess:])
+                self.held_docs -= excess
+                excess = 0
+
+    def finish(self) -> None:
+        """Send the held-back last documents to the valid split."""
+        while self.held:
+            ids, lengths = self.held.popleft()
+            self.splits["valid"].add(ids, lengths)
+        self.held_docs = 0
 
 
 def write_shards(
@@ -734,12 +818,16 @@ def write_shards(
     command: Sequence[str] | None = None,
     batch_docs: int = 256,
     batch_mb: float = 4.0,
+    hf_dataset: HFDatasetInput | None = None,
+    valid_last_documents: int = 0,
+    detokenizer: str | None = None,
 ) -> Manifest:
     """Tokenize raw text into WebDataset shards plus ``manifest.json`` (see the module docstring).
 
     Args:
         inputs: files, folders or globs: JSONL (by suffix: .jsonl/.json/.ndjson) or plain text,
-            optionally .gz/.bz2/.xz/.zst.
+            optionally .gz/.bz2/.xz/.zst; Parquet / Arrow files (and ``save_to_disk`` folders)
+            are read through HF ``datasets``. May be empty when ``hf_dataset`` is given.
         output_dir: the folder to create.
         tokenizer: a local tokenizer file/folder or an HF hub name.
         seq_length: tokens per sequence.
@@ -757,6 +845,10 @@ def write_shards(
         command: the command line to record (defaults to this process's ``sys.argv``).
         batch_docs: records per encoder task.
         batch_mb: raw megabytes per encoder task (whichever limit is hit first).
+        hf_dataset: an HF ``datasets`` input (hub, streamed), read after ``inputs``.
+        valid_last_documents: the valid split is the last N documents of the input order (the
+            OpenWebText convention ``train[-100000:]``); exclusive with ``valid_fraction``.
+        detokenizer: rewrite each document first (``DETOKENIZERS``: ``lm1b``).
 
     Returns:
         The manifest of the published folder.
@@ -767,14 +859,20 @@ def write_shards(
             complete is left behind.
     """
     _check_arguments(layout, valid_fraction, workers, shard_size_mb, frame_chunks)
-    files = expand_inputs(inputs)
+    if valid_last_documents < 0 or (valid_last_documents and valid_fraction):
+        raise ValueError("valid_last_documents must be >= 0 and not combined with valid_fraction")
+    if detokenizer is not None and detokenizer not in DETOKENIZERS:
+        raise ValueError(f"detokenizer must be one of {sorted(DETOKENIZERS)}, got {detokenizer!r}")
+    files: list[Any] = expand_inputs(inputs) if inputs or hf_dataset is None else []
+    if hf_dataset is not None:
+        files.append(hf_dataset)
     tok, info = load_tokenizer(tokenizer)
     _check_seq_length(seq_length, layout, frame_chunks, info)
     out = Path(output_dir).absolute()
     dtype = storage_dtype(info.vocab_size)
     shard_bytes = max(int(shard_size_mb * 1e6), 1)
     block_rows = max(1, min(_MAX_BLOCK_BYTES, shard_bytes // 8) // (seq_length * dtype.itemsize))
-    split_names = ["train", "valid"] if valid_fraction > 0 else ["train"]
+    split_names = ["train", "valid"] if valid_fraction > 0 or valid_last_documents else ["train"]
     logger.info(
         "preprocessing %d input file(s) with %d worker(s) into %s", len(files), workers, out
     )
@@ -793,19 +891,34 @@ def write_shards(
             for name in split_names
         }
         layouts = {name: _make_layout(layout, w, info, frame_chunks) for name, w in writers.items()}
-        compressed = any(p.suffix.lower() in (".gz", ".bz2", ".xz", ".zst") for p in files)
+        unknown_size = any(
+            not isinstance(p, Path)
+            or is_datasets_file(p)
+            or p.suffix.lower() in (".gz", ".bz2", ".xz", ".zst")
+            for p in files
+        )
         bar = _Progress(
             enabled=progress,
-            total_bytes=None if compressed else sum(p.stat().st_size for p in files),
+            total_bytes=None if unknown_size else sum(p.stat().st_size for p in files),
         )
-        consumer = _Consumer(files, layouts, skip_bad, bar)
+        consumer = _Consumer(files, layouts, skip_bad, bar, valid_last=valid_last_documents)
         tasks = batched_records(
-            files, text_mode=text_mode, max_docs=batch_docs, max_bytes=int(batch_mb * 1e6)
+            files,
+            text_mode=text_mode,
+            max_docs=batch_docs,
+            max_bytes=int(batch_mb * 1e6),
+            text_field=json_key,
         )
         try:
-            _run_encoders(tasks, consumer, workers, (tok.to_str(), json_key, valid_fraction, seed))
+            _run_encoders(
+                tasks,
+                consumer,
+                workers,
+                (tok.to_str(), json_key, valid_fraction, seed, detokenizer),
+            )
         finally:
             bar.close()
+        consumer.finish()
         for packer in layouts.values():
             packer.finish()
         results = {name: w.finish() for name, w in writers.items()}
@@ -818,7 +931,7 @@ def write_shards(
             "workers": workers,
             **{k: round(v, 3) for k, v in bar.rates().items()},
         }
-        _check_results(inputs, stats, results, valid_fraction)
+        _check_results(inputs or [str(hf_dataset)], stats, results, valid_fraction)
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -839,11 +952,19 @@ def write_shards(
                 "pad_id": info.pad_id,
             },
             "tokenizer": info.to_dict(),
-            "split_method": {
-                "by": "blake2b hash of the document text",
-                "seed": seed,
-                "valid_fraction": valid_fraction,
-            },
+            "split_method": (
+                {
+                    "by": "the last documents of the input order",
+                    "valid_last_documents": valid_last_documents,
+                }
+                if valid_last_documents
+                else {
+                    "by": "blake2b hash of the document text",
+                    "seed": seed,
+                    "valid_fraction": valid_fraction,
+                }
+            ),
+            "detokenizer": detokenizer,
             "text_mode": text_mode,
             "json_key": json_key,
             "stats": stats,
@@ -939,6 +1060,7 @@ def _run_encoders(
             json_key=encoder_args[1],
             valid_fraction=encoder_args[2],
             seed=encoder_args[3],
+            detokenizer=encoder_args[4] if len(encoder_args) > 4 else None,
         )
         for task in tasks:
             consume(encoder.encode(*task))

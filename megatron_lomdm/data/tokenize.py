@@ -7,6 +7,15 @@ Inputs are JSONL files (one JSON object per line, the text under ``json_key``) o
 ``.zst`` when the ``zstandard`` module is importable). Folders are walked recursively and globs
 expanded, both in sorted order, so the document order is deterministic.
 
+HF ``datasets`` inputs go through one code path (``iter_dataset_rows``, streaming): a hub dataset
+(``HFDatasetInput``: ``--hf-dataset NAME [--hf-config C] --split S``, for clusters that reach the
+hub) and local Parquet / Arrow files (``.parquet``, ``.arrow``, or a folder written by
+``Dataset.save_to_disk``), one row per document, the text in column ``json_key``. A row's text
+gives exactly the document the same string gives as a JSONL record, so the shards are the same.
+
+An optional detokenizer (``DETOKENIZERS``: ``lm1b``, the MDLM/SEDD one) rewrites each document
+before tokenization (and before the train/valid hash).
+
 Special-token policy (recorded in the manifest by ``shards.write_shards``):
 
 * ``eos_id`` is required (documents are separated / terminated by it);
@@ -47,6 +56,8 @@ PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, MASK_TOKEN = "[PAD]", "[BOS]", "[EOS]", "[MASK]
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, MASK_TOKEN)
 
 JSONL_SUFFIXES = frozenset({".jsonl", ".json", ".ndjson"})
+#: Files read through HF ``datasets`` (one row per document).
+DATASETS_SUFFIXES = frozenset({".parquet", ".arrow"})
 TEXT_MODES = ("file", "line")
 
 #: Reasons a record is not turned into a document. ``ERROR_REASONS`` raise unless ``skip_bad``;
@@ -97,6 +108,8 @@ def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
         path = Path(raw)
         if path.is_file():
             found = [path]
+        elif path.is_dir() and _saved_dataset_files(path) is not None:
+            found = _saved_dataset_files(path) or []
         elif path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path))
         elif glob.has_magic(str(raw)):
@@ -112,6 +125,25 @@ def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
     if not unique:
         raise ValueError(f"empty input: no file found in {[str(p) for p in paths]}")
     return unique
+
+
+def _saved_dataset_files(folder: Path) -> list[Path] | None:
+    """The Arrow files of a ``Dataset.save_to_disk`` folder in row order (``None``: not one)."""
+    state = folder / "state.json"
+    if not (state.is_file() and (folder / "dataset_info.json").is_file()):
+        return None
+    try:
+        names = [
+            f["filename"] for f in json.loads(state.read_text(encoding="utf-8"))["_data_files"]
+        ]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{state}: not a datasets save_to_disk state file ({err})") from err
+    return [folder / name for name in names]
+
+
+def is_datasets_file(path: Path) -> bool:
+    """Whether ``path`` is read through HF ``datasets`` (Parquet or Arrow, by suffix)."""
+    return isinstance(path, Path) and path.suffix.lower() in DATASETS_SUFFIXES
 
 
 def _hidden(path: Path, root: Path) -> bool:
@@ -168,6 +200,149 @@ def iter_records(path: Path, *, text_mode: str = "file") -> Iterator[tuple[int, 
             yield from enumerate(stream, start=1)
         else:
             yield 1, stream.read()
+
+
+@dataclasses.dataclass(frozen=True)
+class HFDatasetInput:
+    """An input read with ``datasets.load_dataset(name, config, split=..., streaming=True)``.
+
+    Attributes:
+        name: a hub dataset (``Skylion007/openwebtext``) or a builder for local files
+            (``parquet``, ``arrow``, ``json``...).
+        config: the dataset configuration (``--hf-config``).
+        split: the split (``train``, ``test``; slices such as ``train[:1000]`` need
+            ``streaming=False``).
+        data_files: files for a builder (local paths or URLs).
+        revision: a hub revision (e.g. ``refs/convert/parquet``).
+        streaming: stream rows (no full download, no Arrow cache).
+    """
+
+    name: str
+    config: str | None = None
+    split: str = "train"
+    data_files: tuple[str, ...] | None = None
+    revision: str | None = None
+    streaming: bool = True
+
+    @classmethod
+    def local(cls, path: Path) -> HFDatasetInput:
+        """The ``datasets`` input of one local Parquet / Arrow file."""
+        builder = "parquet" if path.suffix.lower() == ".parquet" else "arrow"
+        return cls(name=builder, data_files=(str(path),))
+
+    def __str__(self) -> str:
+        if self.data_files and len(self.data_files) == 1 and self.name in ("parquet", "arrow"):
+            return self.data_files[0]
+        config = f"/{self.config}" if self.config else ""
+        revision = f"@{self.revision}" if self.revision else ""
+        files = f" {list(self.data_files)}" if self.data_files else ""
+        return f"hf:{self.name}{config}{revision}:{self.split}{files}"
+
+
+def iter_dataset_rows(
+    source: HFDatasetInput, text_field: str = "text", *, batch_rows: int = 1024
+) -> Iterator[tuple[int, bytes | tuple[str, str]]]:
+    """Yield ``(1-based row, text as UTF-8 bytes)`` for each row of an HF ``datasets`` input.
+
+    A row whose text is null or not a string gives ``(row, (reason, detail))`` instead (reported
+    like a bad JSONL record).
+
+    Raises:
+        ValueError: ``datasets`` is not installed, the dataset cannot be loaded, or it has no
+            column ``text_field``.
+    """
+    try:
+        import datasets
+    except ImportError as err:
+        raise ValueError(
+            f"{source}: reading it needs the 'datasets' package (pip install datasets)"
+        ) from err
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(
+            source.name,
+            source.config,
+            split=source.split,
+            data_files=list(source.data_files) if source.data_files else None,
+            revision=source.revision,
+            streaming=source.streaming,
+        )
+    except Exception as err:  # noqa: BLE001 - any loading failure is an input error here
+        raise ValueError(f"cannot load {source}: {type(err).__name__}: {err}") from err
+    columns = ds.column_names
+    if columns is not None and text_field not in columns:
+        raise ValueError(
+            f"{source}: no column {text_field!r} (columns: {columns}); pick one with --json-key"
+        )
+    if columns is not None and len(columns) > 1:
+        ds = ds.select_columns([text_field])
+    row = 0
+    for batch in ds.iter(batch_size=batch_rows):
+        values = batch.get(text_field)
+        if values is None:
+            values = [_MISSING] * len(next(iter(batch.values()), []))
+        for value in values:
+            row += 1
+            if isinstance(value, str):
+                yield row, value.encode("utf-8", "surrogatepass")
+            elif value is None or value is _MISSING:
+                yield row, ("missing_field", f"no value in column {text_field!r}")
+            else:
+                yield (
+                    row,
+                    (
+                        "field_not_string",
+                        f"column {text_field!r} holds {type(value).__name__}, not a string",
+                    ),
+                )
+
+
+_MISSING = object()
+
+
+def decode_row(raw: bytes) -> str:
+    """The document of a ``datasets`` row (its text as UTF-8 bytes), exactly as JSON would give it.
+
+    Raises:
+        BadRecord: a lone surrogate (``undecodable``) or a blank text (``empty_text``).
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRecord("undecodable", "the text holds a lone surrogate") from None
+    if not text.strip():
+        raise BadRecord("empty_text")
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# Detokenizers (applied to each document before tokenization)
+# --------------------------------------------------------------------------------------------
+
+
+def _lm1b_detokenize(x: str) -> str:
+    """Undo LM1B's tokenization (spaces around punctuation), as MDLM / SEDD / BD3LM do."""
+    import re
+
+    x = x.replace("http : / / ", "http://").replace("https : / / ", "https://")
+    x = re.sub(r" \'(\w+)", r"'\1", x)
+    x = re.sub(r" (\w+) \. ", r" \1. ", x)
+    x = re.sub(r" (\w+) \.$", r" \1.", x)
+    x = x.replace(" ? ", "? ")
+    x = re.sub(r" \?$", "?", x)
+    x = x.replace(" ! ", "! ")
+    x = re.sub(r" \!$", "!", x)
+    for spaced, joined in ((" , ", ", "), (" : ", ": "), (" ; ", "; "), (" / ", "/")):
+        x = x.replace(spaced, joined)
+    x = re.sub(r"\" ([^\"]+) \"", r'"\1"', x)
+    x = re.sub(r"\' ([^\']+) \'", r"'\1'", x)
+    x = re.sub(r"\( ([^\(\)]+) \)", r"(\1)", x)
+    x = re.sub(r"\[ ([^\[\]]+) \]", r"[\1]", x)
+    return x.replace("$ ", "$").replace("\u00a3 ", "\u00a3")
+
+
+#: ``--detokenize`` choices.
+DETOKENIZERS = {"lm1b": _lm1b_detokenize}
 
 
 class BadRecord(Exception):
@@ -249,6 +424,17 @@ def iter_texts(
     """
     count = 0
     for path in expand_inputs(inputs):
+        if is_datasets_file(path):
+            for row, raw in iter_dataset_rows(HFDatasetInput.local(path), json_key):
+                try:
+                    if isinstance(raw, tuple):
+                        raise BadRecord(*raw)
+                    yield decode_row(raw)
+                    count += 1
+                except BadRecord as bad:
+                    if bad.reason in ERROR_REASONS and not skip_bad:
+                        raise ValueError(bad_record_message(path, row, bad)) from None
+            continue
         key = json_key if is_jsonl(path) else None
         for line, raw in iter_records(path, text_mode=text_mode):
             try:
@@ -565,9 +751,21 @@ class DocumentEncoder:
     """
 
     def __init__(
-        self, tokenizer_json: str, *, json_key: str, valid_fraction: float, seed: int
+        self,
+        tokenizer_json: str,
+        *,
+        json_key: str,
+        valid_fraction: float,
+        seed: int,
+        detokenizer: str | None = None,
     ) -> None:
         from tokenizers import Tokenizer
+
+        if detokenizer is not None and detokenizer not in DETOKENIZERS:
+            raise ValueError(
+                f"detokenizer must be one of {sorted(DETOKENIZERS)}, got {detokenizer!r}"
+            )
+        self.detokenize = DETOKENIZERS[detokenizer] if detokenizer else None
 
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
         self.tokenizer.encode_special_tokens = True
@@ -588,20 +786,31 @@ class DocumentEncoder:
         file_index: int,
         json_mode: bool,
         strip_newline: bool,
-        records: list[tuple[int, bytes]],
+        records: list[tuple[int, Any]],
+        rows: bool = False,
     ) -> EncodedBatch:
-        """Encode one batch of ``(line, raw bytes)`` records of one file."""
+        """Encode one batch of ``(line, raw bytes)`` records of one file.
+
+        With ``rows`` the records are ``datasets`` rows (``iter_dataset_rows``): text bytes, or
+        ``(reason, detail)`` for a row without a string text.
+        """
         texts: list[str] = []
         rejected: list[tuple[int, str, str]] = []
         for line, raw in records:
             try:
-                texts.append(
-                    decode_record(
+                if rows:
+                    if isinstance(raw, tuple):
+                        raise BadRecord(*raw)
+                    text = decode_row(raw)
+                else:
+                    text = decode_record(
                         raw,
                         json_key=self.json_key if json_mode else None,
                         strip_newline=strip_newline,
                     )
-                )
+                if self.detokenize is not None:
+                    text = self.detokenize(text)
+                texts.append(text)
             except BadRecord as bad:
                 rejected.append((line + bad.line_offset, bad.reason, bad.detail))
         encodings = (
@@ -618,7 +827,7 @@ class DocumentEncoder:
             ids=ids,
             lengths=np.array([len(p) for p in pieces], dtype=np.int64),
             to_valid=np.array([self.in_valid(t) for t in texts], dtype=bool),
-            num_bytes=sum(len(raw) for _, raw in records),
+            num_bytes=sum(len(raw) for _, raw in records if isinstance(raw, bytes)),
             rejected=rejected,
         )
 
@@ -626,35 +835,67 @@ class DocumentEncoder:
 _WORKER_ENCODER: DocumentEncoder | None = None
 
 
-def init_worker(tokenizer_json: str, json_key: str, valid_fraction: float, seed: int) -> None:
+def init_worker(
+    tokenizer_json: str,
+    json_key: str,
+    valid_fraction: float,
+    seed: int,
+    detokenizer: str | None = None,
+) -> None:
     """Pool initializer: build this worker's encoder (single-threaded Rust tokenizer)."""
     global _WORKER_ENCODER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER_ENCODER = DocumentEncoder(
-        tokenizer_json, json_key=json_key, valid_fraction=valid_fraction, seed=seed
+        tokenizer_json,
+        json_key=json_key,
+        valid_fraction=valid_fraction,
+        seed=seed,
+        detokenizer=detokenizer,
     )
 
 
-def encode_in_worker(task: tuple[int, bool, bool, list[tuple[int, bytes]]]) -> EncodedBatch:
+def encode_in_worker(task: tuple[Any, ...]) -> EncodedBatch:
     """Pool task: encode one batch with the worker's encoder."""
     assert _WORKER_ENCODER is not None, "init_worker was not run in this process"
     return _WORKER_ENCODER.encode(*task)
 
 
 def batched_records(
-    files: Iterable[Path], *, text_mode: str, max_docs: int, max_bytes: int
-) -> Iterator[tuple[int, bool, bool, list[tuple[int, bytes]]]]:
-    """Group the records of each file into encoder tasks (a task never spans two files)."""
-    for file_index, path in enumerate(files):
-        json_mode = is_jsonl(path)
-        strip = not json_mode and text_mode == "line"
-        batch: list[tuple[int, bytes]] = []
+    files: Iterable[Path | HFDatasetInput],
+    *,
+    text_mode: str,
+    max_docs: int,
+    max_bytes: int,
+    text_field: str = "text",
+) -> Iterator[tuple[Any, ...]]:
+    """Group the records of each input into encoder tasks (a task never spans two inputs).
+
+    Parquet / Arrow files and ``HFDatasetInput`` give ``datasets`` rows (tasks flagged ``rows``).
+    """
+    for file_index, item in enumerate(files):
+        if isinstance(item, HFDatasetInput) or is_datasets_file(item):
+            source = item if isinstance(item, HFDatasetInput) else HFDatasetInput.local(item)
+            records: Iterable[tuple[int, Any]] = iter_dataset_rows(source, text_field)
+            json_mode, strip, rows = False, False, True
+        else:
+            json_mode = is_jsonl(item)
+            strip = not json_mode and text_mode == "line"
+            records, rows = iter_records(item, text_mode=text_mode), False
+        batch: list[tuple[int, Any]] = []
         size = 0
-        for line, raw in iter_records(path, text_mode=text_mode):
+        for line, raw in records:
             batch.append((line, raw))
-            size += len(raw)
+            size += len(raw) if isinstance(raw, bytes) else 0
             if len(batch) >= max_docs or size >= max_bytes:
-                yield file_index, json_mode, strip, batch
+                yield (
+                    (file_index, json_mode, strip, batch, rows)
+                    if rows
+                    else (file_index, json_mode, strip, batch)
+                )
                 batch, size = [], 0
         if batch:
-            yield file_index, json_mode, strip, batch
+            yield (
+                (file_index, json_mode, strip, batch, rows)
+                if rows
+                else (file_index, json_mode, strip, batch)
+            )

@@ -16,8 +16,9 @@ from megatron.core import parallel_state
 from megatron_lomdm.checkpoint.manager import CheckpointManager
 from megatron_lomdm.config import Config, save_config, validate_for_world
 from megatron_lomdm.config.load import config_to_dict, replace
+from megatron_lomdm.data.blend import BlendLoader, build_train_loader, data_manifest, source_options, valid_source
 from megatron_lomdm.data.loader import ShardLoader
-from megatron_lomdm.data.shards import Manifest, check_tokenizer_compat, read_manifest
+from megatron_lomdm.data.shards import Manifest, check_tokenizer_compat
 from megatron_lomdm.diffusion.registry import build_family
 from megatron_lomdm.distributed.init import ParallelInfo, init_distributed
 from megatron_lomdm.distributed.wrap import Engine, build_engine
@@ -114,8 +115,8 @@ class Run:
     model: DiffusionLM
     engine: Engine
     ema: EMA
-    loader: ShardLoader
-    valid_path: Path
+    loader: ShardLoader | BlendLoader
+    valid_path: str
     valid_split: str
     ckpt: CheckpointManager
     tracker: Tracker
@@ -140,6 +141,9 @@ class Run:
     # ---- logging --------------------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, Any], kind: str = "train") -> None:
         step = self.state.step
+        if kind == "train":  # skipped shards, fetches, blend shares (summed over the DP group)
+            metrics = {**metrics, **self.loader.stats(group=parallel_state.get_data_parallel_group(),
+                                                      device=self.device)}
         if self.metrics_file is not None:
             self.metrics_file.write({"step": step, "kind": kind, **{k: v for k, v in metrics.items() if k != "step"}})
         prefix = "" if kind == "train" else f"{kind}/"
@@ -154,7 +158,8 @@ class Run:
         cfg = self.cfg
         loader = ShardLoader(self.valid_path, split=self.valid_split, micro_batch_size=cfg.train.micro_batch_size,
                              global_batch_size=cfg.train.global_batch_size, dp_rank=self.info.dp_rank,
-                             dp_size=self.info.dp, seed=cfg.train.seed, shuffle=False, drop_last=False, num_epochs=1)
+                             dp_size=self.info.dp, seed=cfg.train.seed, shuffle=False, drop_last=False, num_epochs=1,
+                             source_options=source_options(cfg.data, cfg.run.dir))
         batches = min(cfg.train.eval_batches, loader.batches_per_epoch)
         it = iter(loader)
         self.model.eval()
@@ -211,7 +216,8 @@ class Run:
 def build_run(cfg: Config) -> Run:
     """Initialise distributed state and build every part of the run; resumes from `latest`."""
     cpu_hook = _install_cpu_backend_if_needed()
-    manifest = read_manifest(cfg.data.train)  # before any process group: bad data fails fast
+    # before any process group: bad data fails fast (a blend: one tokenizer across its sources)
+    manifest = data_manifest(cfg.data.train, source_options(cfg.data, cfg.run.dir))
     cfg = resolve_data_fields(cfg, manifest)
     info = init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.train.seed, before_rng_seed=cpu_hook)
     validate_for_world(cfg, info.world_size)
@@ -224,11 +230,10 @@ def build_run(cfg: Config) -> Run:
     model = build_model(cfg, info)
     ema = EMA(list(model.named_parameters()), cfg.optim.ema_decay)
     engine = build_engine(model, cfg)
-    loader = ShardLoader(cfg.data.train, micro_batch_size=cfg.train.micro_batch_size,
-                         global_batch_size=cfg.train.global_batch_size, dp_rank=info.dp_rank, dp_size=info.dp,
-                         seed=cfg.train.seed, split="train", shuffle=cfg.data.shuffle)
-    valid_path = Path(cfg.data.valid or cfg.data.train)
-    valid_split = "valid" if "valid" in read_manifest(valid_path)["splits"] else "train"
+    loader = build_train_loader(cfg.data, micro_batch_size=cfg.train.micro_batch_size,
+                                global_batch_size=cfg.train.global_batch_size, dp_rank=info.dp_rank, dp_size=info.dp,
+                                seed=cfg.train.seed, run_dir=run_dir)
+    valid_path, valid_split = valid_source(cfg.data, run_dir)
     ckpt = CheckpointManager(run_dir / "checkpoints", tp_rank=info.tp_rank, pp_rank=info.pp_rank, dp_rank=info.dp_rank,
                              tp=info.tp, pp=info.pp, is_rank0=is_rank0, keep_last=cfg.checkpoint.keep_last)
     latest = ckpt.latest_step()

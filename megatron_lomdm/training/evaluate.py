@@ -386,7 +386,7 @@ def _order_stats(s: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def resolve_eval_data(run: Any, data: str | Path | None, split: str | None) -> tuple[Path, str]:
+def resolve_eval_data(run: Any, data: str | Path | None, split: str | None) -> tuple[str, str]:
     """The shard folder and split to evaluate on; checks it against the model's tokenizer.
 
     Default: the run's validation data (``data.valid``, else ``data.train``'s valid split).
@@ -396,7 +396,7 @@ def resolve_eval_data(run: Any, data: str | Path | None, split: str | None) -> t
         ValueError: missing split, or data made with another tokenizer / sequence length.
     """
     cfg = run.cfg
-    path = Path(data) if data is not None else Path(run.valid_path)
+    path = str(data) if data is not None else run.valid_path  # a URL or pipe: spec must not go through Path
     manifest = read_manifest(path)
     if split is None:
         split = run.valid_split if data is None else ("valid" if "valid" in manifest["splits"] else "train")
