@@ -127,6 +127,9 @@ export MASTER_PORT=${MASTER_PORT:-$(( 15000 + ${SLURM_JOB_ID:-0} % 20000 ))}
 # No --kill-on-bad-exit: a rank that exits 3 after the checkpoint barrier must not kill the others.
 SRUN_ARGS=()
 if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then SRUN_ARGS+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
+# Extra srun flags, e.g. a pyxis container: LOMDM_SRUN_ARGS="--container-image=... --container-mounts=..."
+# shellcheck disable=SC2206  # word splitting is the point
+if [ -n "${LOMDM_SRUN_ARGS:-}" ]; then SRUN_ARGS+=(${LOMDM_SRUN_ARGS}); fi
 log "srun ${SLURM_NTASKS:-1} task(s), master $MASTER_ADDR:$MASTER_PORT, restart ${SLURM_RESTART_COUNT:-0}"
 # shellcheck disable=SC2016  # expanded inside each task
 srun "${SRUN_ARGS[@]}" bash -c '
