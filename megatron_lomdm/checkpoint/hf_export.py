@@ -448,7 +448,8 @@ def load_native_checkpoint(run_dir: str | Path, step: int | None = None, *,
     meta = torch.load(folder / "meta.pt", weights_only=True)
     tp, pp = int(meta["tp"]), int(meta["pp"])
     shards = _read_rank_files(folder, tp, pp)
-    if ema and not any(shard.get("ema", {}).get("shadow") for shard in shards.values()):
+    no_ema = not any(shard.get("ema", {}).get("shadow") for shard in shards.values())
+    if ema and no_ema and not all("model" in shard for shard in shards.values()):
         log.warning("%s: the run kept no EMA (optim.ema_decay=0); exporting the live weights", folder)
         ema = False
     if ema:
