@@ -20,7 +20,7 @@ from megatron_lomdm.data.blend import BlendLoader, build_train_loader, data_mani
 from megatron_lomdm.data.loader import ShardLoader
 from megatron_lomdm.data.shards import Manifest, check_tokenizer_compat
 from megatron_lomdm.diffusion.registry import build_family
-from megatron_lomdm.distributed.init import ParallelInfo, init_distributed
+from megatron_lomdm.distributed.init import ParallelInfo, destroy_distributed, init_distributed
 from megatron_lomdm.distributed.wrap import Engine, build_engine
 from megatron_lomdm.models.backbone import build_backbone
 from megatron_lomdm.models.diffusion_lm import DiffusionLM
@@ -207,10 +207,20 @@ class Run:
     def save_checkpoint(self) -> None:
         self.ckpt.save(self.state.step, self.state_dict(), sharded_writer=self.engine.save_sharded)
 
-    def close(self) -> None:
+    def close(self, teardown: bool = True) -> None:
+        """Flush tracking, stop loader threads and, after a normal end (`teardown`), tear the
+        process groups down in order: leaving them to interpreter exit lets gloo's threads race
+        the shutdown and abort the process. After an error no collective is attempted."""
         self.tracker.close()
         if self.metrics_file is not None:
             self.metrics_file.close()
+        close_loader = getattr(self.loader, "close", None)
+        if close_loader is not None:
+            close_loader()
+        if teardown:
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()
+            destroy_distributed()
 
 
 def build_run(cfg: Config) -> Run:

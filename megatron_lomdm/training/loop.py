@@ -69,6 +69,7 @@ def run_training(cfg: Config) -> bool:
         True if the run stopped early on a preemption signal (after checkpointing).
     """
     run = build_run(cfg)
+    ended = False
     try:
         while run.state.step < cfg.train.steps:
             metrics = train_step(run)
@@ -88,9 +89,11 @@ def run_training(cfg: Config) -> bool:
             if run.preemption.requested(run.device):
                 run.save_checkpoint()
                 log.warning("preempted at step %d: checkpoint saved, exiting for requeue", step)
+                ended = True
                 return True
         if run.ckpt.latest_step() != run.state.step:
             run.save_checkpoint()
+        ended = True
         return False
     finally:
-        run.close()
+        run.close(teardown=ended)
