@@ -103,6 +103,12 @@ def build_model(cfg: Config, info: ParallelInfo) -> DiffusionLM:
         family.requires_grad_(False)
     model = DiffusionLM(backbone, family, fwd_head, rev_head, mask_id=m.mask_id, seed=cfg.train.seed,
                         global_batch_size=cfg.train.global_batch_size, eps_t=d.eps_t)
+    if bf16:
+        # One parameter dtype, as megatron's Float16Module would give (the local spec builds its
+        # LayerNorms in fp32): the bf16 optimizer keeps fp32 masters for all of them, and its
+        # checkpointing cannot map fp32 parameters beside bf16 ones. Scheduler and loss math still
+        # runs in fp32 (inputs are upcast).
+        model = model.to(torch.bfloat16)
     return model.to(info.device)
 
 

@@ -5,6 +5,7 @@ A slightly larger model than tiny_cpu makes steps long enough (tens of ms) to in
 
 from __future__ import annotations
 
+import math
 import signal
 import subprocess
 import sys
@@ -176,3 +177,17 @@ def test_resume_with_head_lr(tiny_shards: Path, tmp_path: Path) -> None:
     out = train(resumed, tiny_shards, "train.steps=3", *overrides)
     assert out.returncode == 0, out.stderr[-3000:]
     assert losses(resumed) == losses(straight)
+
+
+def test_bf16_checkpoint_resume(tiny_shards: Path, tmp_path: Path) -> None:
+    """bf16 (the precision of the real recipes) trains, checkpoints through the bf16 optimizer's
+    fp32 masters, and resumes to the losses of an uninterrupted run."""
+    overrides = ("train.precision=bf16", "checkpoint.interval=2")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train(straight, tiny_shards, "train.steps=4", *overrides).returncode == 0
+    assert train(resumed, tiny_shards, "train.steps=2", *overrides).returncode == 0
+    out = train(resumed, tiny_shards, "train.steps=4", *overrides)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ref = losses(straight)
+    assert all(math.isfinite(x) for x in ref)
+    assert losses(resumed) == ref
