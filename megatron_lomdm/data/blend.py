@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_lomdm.data.loader import ShardLoader, reduce_counters
+from megatron_lomdm.data.loader import ShardLoader, check_resume_settings, reduce_counters
 from megatron_lomdm.data.shards import Manifest, read_manifest
 from megatron_lomdm.data.sources import (
     SourceOptions,
@@ -479,22 +479,7 @@ class BlendLoader:
                     f"loader state was saved for source {name!r} with data fingerprint {a[:16]}... "
                     f"but it now has {b[:16]}...: the data changed"
                 )
-        for key in ("seed", "shuffle", "shuffle_window_shards", "global_batch_size"):
-            if state[key] != getattr(self, key):
-                raise ValueError(
-                    f"loader state has {key}={state[key]!r} but this loader has "
-                    f"{key}={getattr(self, key)!r}"
-                )
-        if state["micro_batch"] and (state["micro_batch_size"], state["dp_size"]) != (
-            self.micro_batch_size,
-            self.dp_size,
-        ):
-            raise ValueError(
-                f"loader state was saved at micro-batch {state['micro_batch']} with "
-                f"micro_batch_size={state['micro_batch_size']}, dp_size={state['dp_size']}; "
-                f"it can only resume mid-step with the same "
-                f"(here {self.micro_batch_size}, {self.dp_size})"
-            )
+        check_resume_settings(self, state, ("seed", "shuffle", "shuffle_window_shards", "global_batch_size"))
         if sum(state["consumed"]) != int(state["consumed_global_batches"]) * self.global_batch_size:
             raise ValueError("blend state is inconsistent: consumed rows != batches x global batch")
         self._global_batch = int(state["consumed_global_batches"])

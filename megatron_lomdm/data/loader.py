@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import collections
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,28 @@ def reduce_counters(
     dist.all_reduce(a, group=group)
     dist.all_reduce(b, op=dist.ReduceOp.MAX, group=group)
     return a.cpu().numpy(), b.cpu().numpy()
+
+
+def check_resume_settings(loader: Any, state: dict[str, Any], keys: Sequence[str]) -> None:
+    """Refuse a loader state saved with other order settings, or mid-step under another layout.
+
+    Raises:
+        ValueError: naming the setting and both values.
+    """
+    for key in keys:
+        if state[key] != getattr(loader, key):
+            raise ValueError(
+                f"loader state has {key}={state[key]!r} but this loader has {key}={getattr(loader, key)!r}"
+            )
+    if state["micro_batch"] and (state["micro_batch_size"], state["dp_size"]) != (
+        loader.micro_batch_size,
+        loader.dp_size,
+    ):
+        raise ValueError(
+            f"loader state was saved at micro-batch {state['micro_batch']} with "
+            f"micro_batch_size={state['micro_batch_size']}, dp_size={state['dp_size']}; "
+            f"it can only resume mid-step with the same (here {loader.micro_batch_size}, {loader.dp_size})"
+        )
 
 
 class ShardLoader:
@@ -334,29 +357,9 @@ class ShardLoader:
                 f"but split {self.split!r} of {self.manifest.path} has fingerprint "
                 f"{self.fingerprint[:16]}...: the data changed"
             )
-        for key in (
-            "split",
-            "seed",
-            "shuffle",
-            "shuffle_window_shards",
-            "drop_last",
-            "global_batch_size",
-        ):
-            if state[key] != getattr(self, key):
-                raise ValueError(
-                    f"loader state has {key}={state[key]!r} but this loader has "
-                    f"{key}={getattr(self, key)!r}"
-                )
-        if state["micro_batch"] and (state["micro_batch_size"], state["dp_size"]) != (
-            self.micro_batch_size,
-            self.dp_size,
-        ):
-            raise ValueError(
-                f"loader state was saved at micro-batch {state['micro_batch']} with "
-                f"micro_batch_size={state['micro_batch_size']}, dp_size={state['dp_size']}; "
-                f"it can only resume mid-step with the same "
-                f"(here {self.micro_batch_size}, {self.dp_size})"
-            )
+        check_resume_settings(
+            self, state, ("split", "seed", "shuffle", "shuffle_window_shards", "drop_last", "global_batch_size")
+        )
         consumed = int(state["consumed_global_batches"])
         if consumed // self.batches_per_epoch != state["epoch"]:
             raise ValueError(
