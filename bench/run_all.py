@@ -10,7 +10,9 @@ min-max over >= 7 interleaved pairs, the ratio and its predicted band):
 2. bench/zero_memory.py: bytes per parameter at DP=2 (megatron ZeRO-0/1, DeepSpeed ZeRO-1/2/3);
 3. bench/bench_data.py: preprocessing docs/s, MB/s, tokens/s (1 vs 2 workers) and loader tokens/s,
    then loader tokens/s / training consumption tokens/s (the MDLM and LoMDM steps of 1.);
-4. bench/gpu.py when CUDA is present (otherwise its `--dry-run` is left to ``python bench/gpu.py --dry-run``).
+4. bench/samplers.py: tokens/s and executed backbone calls vs T (L = 128, cache on/off) for
+   ancestral, mdlm_cache and entropy_bound, calls against T (1 - e^{-L/T}), work outside the backbone;
+5. bench/gpu.py when CUDA is present (otherwise its `--dry-run` is left to ``python bench/gpu.py --dry-run``).
 
 Not here (separate targets): bench/learning.py (`make bench-learning`, ~60 min).
 """
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pairs", type=int, default=9, help="interleaved pairs per ratio (>= 7)")
     p.add_argument("--data-mb", type=float, default=10.0)
-    p.add_argument("--skip", nargs="*", default=[], help="cpu_ratios zero_memory data gpu")
+    p.add_argument("--skip", nargs="*", default=[], help="cpu_ratios zero_memory data samplers gpu")
     args = p.parse_args(argv)
     if args.pairs < 7:
         p.error("--pairs must be >= 7 (performance.md §B1)")
@@ -62,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     if "data" not in args.skip:
         status["data"] = run([py, "bench/bench_data.py", "--mb", str(args.data_mb), "--seq-length", "128",
                               "--out", str(RESULTS)], 600)
+    if "samplers" not in args.skip:
+        status["samplers"] = run([py, "bench/samplers.py"], 900)
     import torch
 
     if "gpu" not in args.skip and torch.cuda.is_available():
@@ -87,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{'data/preprocess_' + w:<44} {r['tokens_per_s']:>9.0f} tok/s  {r['mb_per_s']:.2f} MB/s  "
                       f"{r['docs_per_s']:.0f} docs/s  ({r['tokens_per_cpu_s_per_worker']:.0f} tok per CPU-s per worker)")
             print(f"{'data/loader':<44} {x['loader']['tokens_per_s']:>9.0f} tok/s")
+            continue
+        if x["bench"].startswith("sampler/"):
+            expected = f"E {x['expected_calls']:.1f}" if x.get("expected_calls") is not None else ""
+            ok = "-" if x.get("in_band") is None else ("yes" if x["in_band"] else "NO")
+            print(f"{x['bench']:<44} {x['calls_mean']:>9.1f} calls {expected:<9} {x['tokens_per_s']:>8.1f} tok/s  "
+                  f"outside backbone {x['outside_backbone_s_per_step'] * 1e3:.2f} ms/step  {ok}")
             continue
         value = x.get("ratio_median", x.get("ratio"))
         if value is None:

@@ -128,9 +128,11 @@ def sampling_log_probs(
     Returns:
         Normalised log-probs, fp64, (N, V); -inf outside the support.
     """
-    logits_NV = logits_NV.to(_F64)
-    logits_NV = logits_NV.index_fill(1, torch.tensor([mask_id], device=logits_NV.device), -math.inf)
-    logp_NV = torch.log_softmax(logits_NV / temperature, dim=-1)
+    logits_NV = logits_NV.to(_F64, copy=True)  # one fp64 copy, edited in place below
+    logits_NV[:, mask_id] = -math.inf
+    if temperature != 1.0:
+        logits_NV.div_(temperature)
+    logp_NV = torch.log_softmax(logits_NV, dim=-1)
     if top_p >= 1.0:
         return logp_NV
     prob_sorted_NV, order_NV = torch.sort(logp_NV.exp(), dim=-1, descending=True)
@@ -164,11 +166,31 @@ def confidence(logp_NV: Tensor) -> Confidence:
     Returns:
         The three scores, fp64, (N,) each.
     """
-    prob_NV = logp_NV.to(_F64).exp()
-    top2_N2 = torch.topk(prob_NV, k=2, dim=-1).values
-    # where(): 0 * log 0 = 0 outside the support.
-    entropy_N = -torch.where(prob_NV > 0, prob_NV * logp_NV.to(_F64), 0.0).sum(-1)
-    return Confidence(top2_N2[:, 0], top2_N2[:, 0] - top2_N2[:, 1], entropy_N)
+    return Confidence(*(confidence_score(logp_NV, kind) for kind in Confidence._fields))
+
+
+def confidence_score(logp_NV: Tensor, kind: str) -> Tensor:
+    """One field of ``Confidence`` (``max_prob_N``, ``margin_N`` or ``entropy_N``), computed
+    alone: the adaptive samplers need one score per step over every masked row, so the others
+    are not paid for.
+
+    Args:
+        logp_NV: Normalised log-probs, (N, V), V >= 2.
+        kind: The field name.
+
+    Returns:
+        fp64, (N,).
+    """
+    logp_NV = logp_NV.to(_F64)
+    if kind == "entropy_N":
+        # clamp: -inf outside the support becomes the most negative finite value, so 0 * it = 0
+        return -(logp_NV.exp() * logp_NV.clamp_min(torch.finfo(_F64).min)).sum(-1)
+    top2_N2 = torch.topk(logp_NV, k=2, dim=-1).values.exp()  # exp is monotone: top-2 of log-probs
+    if kind == "max_prob_N":
+        return top2_N2[:, 0]
+    if kind == "margin_N":
+        return top2_N2[:, 0] - top2_N2[:, 1]
+    raise ValueError(f"unknown confidence kind {kind!r}; valid: {', '.join(Confidence._fields)}")
 
 
 # --------------------------------------------------------------------------------------
@@ -561,7 +583,7 @@ class Sampler(abc.ABC):
     def _confidence_BL(self, out: DenoiserOutput, masked_BL: Tensor, kind: str) -> Tensor:
         """One ``Confidence`` field per masked position, fp64 (B, L); NaN where unmasked."""
         scores = [
-            getattr(confidence(self._log_probs(out.logits_BLV, rows_N2)), kind)
+            confidence_score(self._log_probs(out.logits_BLV, rows_N2), kind)
             for rows_N2 in self._row_chunks(masked_BL)
         ]
         score_BL = torch.full(masked_BL.shape, math.nan, dtype=_F64, device=masked_BL.device)
