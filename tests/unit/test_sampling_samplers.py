@@ -164,6 +164,24 @@ def test_sampler_cache_skips_unchanged_steps(name: str, opts: dict) -> None:
     assert cached.num_calls == torch.unique(cached.unmask_step_BL).numel()
 
 
+@pytest.mark.parametrize("name", ["ancestral", "mdlm_cache"])
+def test_cached_calls_are_occupied_grid_steps(name: str) -> None:
+    """Under the linear schedule each position unmasks in a uniform grid step, so the cached calls
+    are the occupied bins of L balls in T bins: E = T (1 - (1 - 1/T)^L) ~ T (1 - e^{-L/T})
+    (performance.md §A4); 4 standard errors over 60 samples."""
+    Lq, T, n = 128, 256, 60
+    den = FixedDenoiser(torch.zeros(Lq, V))
+    opts = {"exponent": 1.0} if name == "ancestral" else {}
+    sampler = build_sampler(name, mask_id=MASK, num_steps=T, **opts)
+    calls = [sampler.sample(den, batch_size=1, seq_length=Lq, generator=gen(i)).num_calls for i in range(n)]
+    q1, q2 = (1 - 1 / T) ** Lq, (1 - 2 / T) ** Lq
+    mean = T * (1 - q1)
+    sd = math.sqrt(T * (T - 1) * q2 + T * q1 - T * T * q1 * q1)
+    assert abs(mean / (T * (1 - math.exp(-Lq / T))) - 1) < 0.005
+    assert abs(sum(calls) / n - mean) < 4 * sd / math.sqrt(n), (sum(calls) / n, mean, sd)
+    assert max(calls) < T  # without the cache every one of the T steps would call
+
+
 def test_exact_sampler_order_law() -> None:
     e_L = torch.tensor([0.05, 0.7, 1.35, 0.9], dtype=torch.float64)
     den = FixedDenoiser(torch.zeros(4, V), e_L)
