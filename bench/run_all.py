@@ -9,7 +9,9 @@ min-max over >= 7 interleaved pairs, the ratio and its predicted band):
    FlopCounterMode (MDLM, LoMDM), megatron-core backbone / plain PyTorch, MDLM/ARM step;
 2. bench/zero_memory.py: bytes per parameter at DP=2 (megatron ZeRO-0/1, DeepSpeed ZeRO-1/2/3);
 3. bench/bench_data.py: preprocessing docs/s, MB/s, tokens/s (1 vs 2 workers) and loader tokens/s,
-   then loader tokens/s / training consumption tokens/s (the MDLM and LoMDM steps of 1.);
+   then loader tokens/s / training consumption tokens/s (the MDLM and LoMDM steps of 1.); with
+   MEGATRON_LM_DIR set (a Megatron-LM core_v0.16.1 checkout), also our preprocessing throughput /
+   Megatron-LM's on the same input and tokenizer, and whether the token streams are identical;
 4. bench/samplers.py: tokens/s and executed backbone calls vs T (L = 128, cache on/off) for
    ancestral, mdlm_cache and entropy_bound, calls against T (1 - e^{-L/T}), work outside the backbone;
 5. bench/gpu.py when CUDA is present (otherwise its `--dry-run` is left to ``python bench/gpu.py --dry-run``).
@@ -91,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{'data/preprocess_' + w:<44} {r['tokens_per_s']:>9.0f} tok/s  {r['mb_per_s']:.2f} MB/s  "
                       f"{r['docs_per_s']:.0f} docs/s  ({r['tokens_per_cpu_s_per_worker']:.0f} tok per CPU-s per worker)")
             print(f"{'data/loader':<44} {x['loader']['tokens_per_s']:>9.0f} tok/s")
+            for w, r in x.get("megatron_lm", {}).get("by_workers", {}).items():
+                print(f"{'data/ours_over_megatron_lm_' + w:<44} {r['throughput_ours_over_theirs']:>9.2f}x  token streams "
+                      f"{'identical' if r['streams_identical_over_ours'] else 'DIFFER'}")
             continue
         if x["bench"].startswith("sampler/"):
             expected = f"E {x['expected_calls']:.1f}" if x.get("expected_calls") is not None else ""
