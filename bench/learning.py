@@ -40,7 +40,12 @@ FAMILIES = {  # name -> overrides
     "mdlm": ["diffusion.name=mdlm"],
     "poly": ["diffusion.name=poly", "diffusion.c1=0.7", "diffusion.c2=0.0"],
     "lomdm": ["diffusion.name=lomdm", "diffusion.c1=0.7", "diffusion.c2=0.65"],
+    # control, not in the default set: LoMDM's step (K = 2 corruptions per sequence, clean pass, heads)
+    # with c2 = 0, i.e. the polynomial schedule without a learned order; separates the effect of
+    # the learned order from that of two corruptions per sequence.
+    "poly_k2": ["diffusion.name=lomdm", "diffusion.c1=0.7", "diffusion.c2=0.0"],
 }
+DEFAULT_FAMILIES = ["mdlm", "poly", "lomdm"]
 
 
 def command(family: str, seed: int, args: argparse.Namespace, shards: Path, run_dir: Path) -> list[str]:
@@ -114,31 +119,69 @@ def unigram_cross_entropy(shards: Path) -> float:
     return total / n
 
 
+def step_flops_of(family: str, args: argparse.Namespace, shards: Path) -> float:
+    """FLOPs of one training step of `family` at the benchmark's shape (our analytic counter)."""
+    from megatron_lomdm.config import load_config
+    from megatron_lomdm.data.shards import read_manifest
+    from megatron_lomdm.diffusion import build_family
+    from megatron_lomdm.training.build import resolve_data_fields
+    from megatron_lomdm.utils.flops import Shape, step_flops
+
+    overrides = command(family, 1, args, shards, WORK / "unused")[5:]
+    cfg = resolve_data_fields(load_config(ROOT / "configs/experiments/tiny_cpu.yaml", overrides), read_manifest(shards))
+    m, d = cfg.model, cfg.diffusion
+    fam = build_family(d.name, c1=d.c1, c2=d.c2, block_size=d.block_size, vocab_size=m.vocab_size,
+                       seq_length=m.seq_length, mask_id=m.mask_id)
+    return step_flops(Shape(m.num_layers, m.hidden_size, m.ffn_size, m.vocab_size, m.seq_length),
+                      unique_sequences=args.batch, num_corruptions=fam.num_corruptions,
+                      clean_pass=fam.needs_clean_features, heads=fam.needs_clean_features)
+
+
+def value_at(curve: list[tuple[int, float, float]], step: float) -> float | None:
+    """The mean curve linearly interpolated at `step` (None outside the evaluated range)."""
+    for (s0, v0, _), (s1, v1, _) in zip(curve, curve[1:]):
+        if s0 <= step <= s1:
+            return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+    return curve[-1][1] if curve and step == curve[-1][0] else None
+
+
+def finished(run_dir: Path, steps: int) -> bool:
+    try:
+        return any(step == steps for step, _ in read(run_dir)["valid"])
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def first_reach(curve: list[tuple[int, float, float]], target: float) -> int | None:
     return next((s for s, m, _ in curve if m <= target), None)
 
 
 def plot(results: dict, path: Path, unigram: float | None = None) -> None:
+    """NELBO vs step, NELBO vs compute (MDLM-step equivalents), and the learned order's correlation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    colors = {"mdlm": "tab:blue", "poly": "tab:orange", "lomdm": "tab:green"}
+    fig, (ax1, ax3, ax2) = plt.subplots(1, 3, figsize=(16, 4))
+    colors = {"mdlm": "tab:blue", "poly": "tab:orange", "lomdm": "tab:green", "poly_k2": "tab:purple"}
     for fam, r in results.items():
         for c in r["valid_per_seed"]:
             ax1.plot([s for s, _ in c], [v for _, v in c], color=colors[fam], alpha=0.25, lw=0.8)
         m = r["valid_mean"]
         ax1.plot([s for s, *_ in m], [v for _, v, _ in m], color=colors[fam], lw=2, label=fam)
-        if r["corr_mean"]:
+        ax3.plot([s * r["flops_over_mdlm"] for s, *_ in m], [v for _, v, _ in m], color=colors[fam], lw=2, label=fam)
+        if any(abs(v) > 0 for _, v, _ in r["corr_mean"]):  # only learned orders have one
             ax2.plot([s for s, *_ in r["corr_mean"]], [v for _, v, _ in r["corr_mean"]], color=colors[fam], label=fam)
-    if unigram is not None:
-        ax1.axhline(unigram, color="gray", ls="--", lw=1, label="unigram baseline")
+    for ax in (ax1, ax3):
+        if unigram is not None:
+            ax.axhline(unigram, color="gray", ls="--", lw=1, label="unigram baseline")
+        ax.set_ylabel("validation NELBO (nats/token)")
+        ax.legend()
     ax1.set_xlabel("step")
-    ax1.set_ylabel("validation NELBO (nats/token)")
-    ax1.legend()
     ax1.set_title("validation NELBO vs step")
+    ax3.set_xlabel("training compute (MDLM steps of equal FLOPs)")
+    ax3.set_title("validation NELBO vs compute")
     ax2.set_xlabel("step")
     ax2.set_ylabel("corr(velocity, confidence)")
     ax2.set_title("velocity-confidence correlation (train)")
@@ -164,10 +207,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seq-length", type=int, default=64)
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--parallel", type=int, default=2, help="training runs at a time (one thread each)")
-    p.add_argument("--families", nargs="*", default=list(FAMILIES))
+    p.add_argument("--families", nargs="*", default=DEFAULT_FAMILIES, choices=list(FAMILIES),
+                   help="poly_k2 is a control: LoMDM's step with c2 = 0 (no learned order)")
     p.add_argument("--out-dir", default=str(WORK / "learning"))
     p.add_argument("--results", default=str(RESULTS))
-    p.add_argument("--reuse", action="store_true", help="only read existing runs under --out-dir")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep finished runs under --out-dir (same settings) and run only the missing ones")
     args = p.parse_args(argv)
     out_dir = Path(args.out_dir)
     shards = ensure_shards(args.seq_length, args.vocab_size)
@@ -176,12 +221,13 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in range(1, args.seeds + 1):
         for fam in slow_first:
             run_dir = out_dir / f"{fam}_s{seed}"
-            if not args.reuse:
-                if run_dir.exists():
-                    import shutil
+            if args.reuse and finished(run_dir, args.steps):
+                continue
+            if run_dir.exists():
+                import shutil
 
-                    shutil.rmtree(run_dir)
-                jobs.append((fam, seed, command(fam, seed, args, shards, run_dir), run_dir))
+                shutil.rmtree(run_dir)
+            jobs.append((fam, seed, command(fam, seed, args, shards, run_dir), run_dir))
     t0 = time.time()
     run_all(jobs, args.parallel)
     wall = time.time() - t0
@@ -192,7 +238,10 @@ def main(argv: list[str] | None = None) -> dict:
         corr = [r["corr"] for r in per_seed if r["corr"]]
         results[fam] = {"valid_per_seed": valid, "valid_mean": mean_curve(valid),
                         "corr_mean": mean_curve(corr) if corr else [],
-                        "final_per_seed": [c[-1][1] for c in valid]}
+                        "final_per_seed": [c[-1][1] for c in valid], "flops_per_step": step_flops_of(fam, args, shards)}
+    mdlm_flops = results["mdlm"]["flops_per_step"] if "mdlm" in results else None
+    for r in results.values():
+        r["flops_over_mdlm"] = r["flops_per_step"] / mdlm_flops if mdlm_flops else 1.0
     target = results["mdlm"]["valid_mean"][-1][1] if "mdlm" in results else None
     unigram = unigram_cross_entropy(shards)
     lines = [f"Validation NELBO (nats/token, mean ± std over {args.seeds} seed(s)); {args.steps} steps, batch "
@@ -206,21 +255,31 @@ def main(argv: list[str] | None = None) -> dict:
             m = results[fam]["valid_mean"]
             cells.append(f"{m[i][1]:.3f} ± {m[i][2]:.3f}" if i < len(m) else "")
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
-    lines += ["", "| family | final NELBO | steps to MDLM's final NELBO | corr(velocity, confidence) first → last |",
-              "|---|---|---|---|"]
+    lines += ["", "Compute: FLOPs per step from our analytic counter; 'MDLM-equivalent steps' = steps x (FLOPs per "
+              "step / MDLM's). 'NELBO at MDLM's compute' = the mean curve at the step whose compute equals MDLM's "
+              f"{args.steps} steps.", "",
+              "| family | final NELBO | FLOPs/step ÷ MDLM | steps to MDLM's final NELBO (MDLM-equivalent) | "
+              "NELBO at MDLM's compute | corr(velocity, confidence) first → last |",
+              "|---|---|---|---|---|---|"]
     env = environment()
     for fam in args.families:
         r = results[fam]
         fin = r["valid_mean"][-1]
         reach = first_reach(r["valid_mean"], target) if target is not None else None
         cm = r["corr_mean"]
-        corr_txt = f"{cm[0][1]:+.3f} → {cm[-1][1]:+.3f}" if cm else "n/a"
-        r.update(final_mean=fin[1], final_std=fin[2], steps_to_mdlm_final=reach)
-        lines.append(f"| {fam} | {fin[1]:.3f} ± {fin[2]:.3f} | {reach if reach is not None else 'not reached'} | {corr_txt} |")
+        corr_txt = f"{cm[0][1]:+.3f} → {cm[-1][1]:+.3f}" if any(abs(v) > 0 for _, v, _ in cm) else "n/a"
+        ratio = r["flops_over_mdlm"]
+        at_mdlm_compute = value_at(r["valid_mean"], args.steps / ratio)
+        r.update(final_mean=fin[1], final_std=fin[2], steps_to_mdlm_final=reach, nelbo_at_mdlm_compute=at_mdlm_compute)
+        reach_txt = f"{reach} ({reach * ratio:.0f})" if reach is not None else "not reached"
+        at_txt = f"{at_mdlm_compute:.3f}" if at_mdlm_compute is not None else "n/a (before the first evaluation)"
+        lines.append(f"| {fam} | {fin[1]:.3f} ± {fin[2]:.3f} | {ratio:.2f} | {reach_txt} | {at_txt} | {corr_txt} |")
         if args.results:
             record(f"learning/{fam}", {"final_nelbo_mean": fin[1], "final_nelbo_std": fin[2],
                                        "final_per_seed": r["final_per_seed"], "steps_to_mdlm_final": reach,
-                                       "mdlm_final": target, "unigram_baseline": unigram, "steps": args.steps, "seeds": args.seeds,
+                                       "mdlm_final": target, "unigram_baseline": unigram,
+                                       "flops_per_step": r["flops_per_step"], "flops_over_mdlm": ratio,
+                                       "nelbo_at_mdlm_compute": at_mdlm_compute, "steps": args.steps, "seeds": args.seeds,
                                        "valid_mean": r["valid_mean"], "corr_mean": cm[:: max(len(cm) // 20, 1)],
                                        "wall_s": wall}, out=Path(args.results), env=env)
     table = "\n".join(lines)
