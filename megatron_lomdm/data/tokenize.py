@@ -691,6 +691,36 @@ def train_bpe_tokenizer(
     )
     texts = iter_texts(inputs, json_key=json_key, text_mode=text_mode, skip_bad=skip_bad)
     tok.train_from_iterator(texts, trainer)
+    out = _save_tokenizer_folder(tok, output)
+    logger.info("trained byte-level BPE: vocab %d -> %s", tok.get_vocab_size(), out)
+    return out
+
+
+def save_word_tokenizer(symbols: Sequence[str], output: str | Path) -> Path:
+    """A word-level tokenizer: one token per whitespace-separated symbol, specials first.
+
+    For synthetic corpora (``data/synthetic.py``) whose documents are symbol strings: ids 0..3 are
+    ``[PAD] [BOS] [EOS] [MASK]``, then the symbols in the given order. The folder is the same kind
+    ``train_bpe_tokenizer`` writes (loads with ``load_tokenizer`` and ``AutoTokenizer``).
+
+    Raises:
+        ValueError: On a repeated symbol, one containing whitespace, or one spelled like a special.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    bad = [s for s in symbols if not s or s.split() != [s] or s in SPECIAL_TOKENS]
+    if bad or len(set(symbols)) != len(symbols):
+        raise ValueError(f"word-tokenizer symbols must be unique, non-special, without spaces; bad: {bad[:5]}")
+    vocab = {s: i for i, s in enumerate([*SPECIAL_TOKENS, *symbols])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=PAD_TOKEN))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return _save_tokenizer_folder(tok, output)
+
+
+def _save_tokenizer_folder(tok: Any, output: str | Path) -> Path:
+    """Save ``tokenizer.json`` plus the config files that name the four specials."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
@@ -712,7 +742,6 @@ def train_bpe_tokenizer(
     (out / "special_tokens_map.json").write_text(
         json.dumps(special_map, indent=2) + "\n", encoding="utf-8"
     )
-    logger.info("trained byte-level BPE: vocab %d -> %s", tok.get_vocab_size(), out)
     return out
 
 
