@@ -237,3 +237,27 @@ def velocity_confidence_corr(
     var_x, var_y = (w_BL * dx_BL**2).sum(dims), (w_BL * dy_BL**2).sum(dims)
     corr = cov / torch.sqrt(var_x * var_y)
     return torch.where((n >= 2) & (var_x > 0) & (var_y > 0), corr, math.nan)
+
+
+def order_agreement(unmask_step_BL: Tensor, first_P: Sequence[int], second_Q: Sequence[int]) -> Tensor:
+    """Per sequence, the fraction of (first, second) position pairs generated in that order.
+
+    A pair counts 1 when the ``first`` position was unmasked at an earlier step than the
+    ``second`` one, 1/2 when both were unmasked in the same step, 0 otherwise; so 1 is a sample
+    that generated the whole first group before the second, 1/2 what a random order gives.
+
+    Args:
+        unmask_step_BL: Step at which each position was unmasked, (B, L).
+        first_P: Positions of the group that should come first.
+        second_Q: Positions of the group that should come second.
+
+    Returns:
+        fp64 (B,) in [0, 1].
+    """
+    if not first_P or not second_Q:
+        raise ValueError("order_agreement needs two non-empty position groups")
+    steps_BL = unmask_step_BL.to(_F64)
+    a_BP1 = steps_BL[:, list(first_P)].unsqueeze(-1)
+    b_B1Q = steps_BL[:, list(second_Q)].unsqueeze(1)
+    score_BPQ = (a_BP1 < b_B1Q).to(_F64) + 0.5 * (a_BP1 == b_B1Q).to(_F64)
+    return score_BPQ.mean((1, 2))
