@@ -47,7 +47,8 @@ Decisions:
       ZeRO 0-2 keep full parameters on every rank (the same `nn.Parameter` objects, re-pointed
       into DeepSpeed's flat buffers), so the EMA works unchanged there.
     * bf16: DeepSpeed casts every parameter, the scheduler heads included, to bf16 and keeps the
-      fp32 master copy in the optimizer (the megatron backend keeps fp32 parameters fp32).
+      fp32 master copy in the optimizer, as the megatron backend does (`training.build` casts the
+      model); the scheduler heads compute in fp32 from their bf16 weights.
     * Stage 0 in fp32 has no overflow check in DeepSpeed: the engine clips (and measures the norm)
       itself there, with DeepSpeed's model-parallel-aware `clip_grad_norm_`.
     * Communication buckets are `min(5e8, parameters on this rank)` elements: DeepSpeed's default
@@ -71,7 +72,7 @@ from megatron.core import parallel_state
 from torch import nn
 
 from megatron_lomdm.config import Config
-from megatron_lomdm.distributed.wrap import is_head_param
+from megatron_lomdm.distributed.wrap import decays, is_head_param
 from megatron_lomdm.training.step import forward_step
 from megatron_lomdm.utils.logging import get_logger
 
@@ -99,22 +100,18 @@ def megatron_mpu() -> types.SimpleNamespace:
 def param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
     """The optimizer's parameter groups, as the megatron backend forms them.
 
-    Backbone matrices (weight decay), backbone vectors and biases (no weight decay), and the
-    scheduler heads with the family's parameters (weight decay, LR `optim.head_lr or train.lr`).
-    Empty groups are dropped.
+    Backbone and scheduler heads with the family's parameters (LR `optim.head_lr or train.lr`),
+    each split by `distributed.wrap.decays` into weight-decayed and exempt parameters. Empty
+    groups are dropped.
     """
     head_lr = cfg.optim.head_lr or cfg.train.lr
     wd = cfg.optim.weight_decay
-    groups = {"backbone": ([], cfg.train.lr, wd), "backbone_no_wd": ([], cfg.train.lr, 0.0), "heads": ([], head_lr, wd)}
+    groups = {"backbone": ([], cfg.train.lr, wd), "backbone_no_wd": ([], cfg.train.lr, 0.0),
+              "heads": ([], head_lr, wd), "heads_no_wd": ([], head_lr, 0.0)}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if is_head_param(name):
-            key = "heads"
-        elif len(p.shape) == 1 or name.endswith(".bias"):
-            key = "backbone_no_wd"
-        else:
-            key = "backbone"
+        key = ("heads" if is_head_param(name) else "backbone") + ("" if decays(name, p) else "_no_wd")
         groups[key][0].append(p)
     return [{"name": key, "params": params, "lr": lr, "weight_decay": decay}
             for key, (params, lr, decay) in groups.items() if params]

@@ -56,11 +56,24 @@ def is_head_param(name: str) -> bool:
     return name.startswith(HEAD_PREFIXES) or any(f".{p}" in name for p in HEAD_PREFIXES)
 
 
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Whether `optim.weight_decay` applies to a parameter: one rule for both backends.
+
+    Decayed: weight matrices and embeddings (2+ dims), of the backbone and the scheduler heads.
+    Exempt: biases and LayerNorm weights (1 dim, heads included) and the family's parameters
+    (GenMD4's exponents).
+    """
+    is_family = name.startswith("family.") or ".family." in name
+    return param.dim() >= 2 and not is_family
+
+
 class MegatronEngine:
     """mcore `DistributedDataParallel` + `get_megatron_optimizer` (ZeRO-1 with `parallel.zero=1`).
 
     Scheduler heads get their own parameter group (lr_mult = `optim.head_lr / train.lr`); they are replicated
     over TP, so megatron counts them once in the gradient norm, and DDP averages them over DP only.
+    Parameters exempt from weight decay (`decays`) get wd_mult = 0, which `set_lr` applies (megatron's
+    OptimizerParamScheduler, which would, is not used).
     """
 
     SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -92,13 +105,14 @@ class MegatronEngine:
             use_distributed_optimizer=distributed_optimizer,
         )
         heads = ParamKey(with_name_predicate=ParamWithNamePredicate(name="scheduler_heads", fn=lambda p, n: is_head_param(n)))
-        no_wd = ParamKey(with_name_predicate=ParamWithNamePredicate(
-            name="no_wd", fn=lambda p, n: (len(p.shape) == 1 or n.endswith(".bias")) and not is_head_param(n)))
-        overrides = {no_wd: ParamGroupOverride(wd_mult=0.0)}
+        no_wd = ParamKey(with_name_predicate=ParamWithNamePredicate(name="no_wd", fn=lambda p, n: not decays(n, p)))
+        overrides = {no_wd: ParamGroupOverride(wd_mult=0.0)}  # merged with the heads' lr_mult where both match
         if cfg.optim.head_lr:
             # lr_mult (not max_lr): megatron matches checkpointed param groups by (wd_mult, lr_mult, ...)
             overrides[heads] = ParamGroupOverride(lr_mult=cfg.optim.head_lr / cfg.train.lr)
         self.optimizer = get_megatron_optimizer(opt_config, [self.module], config_overrides=overrides)
+        self.weight_decay = cfg.optim.weight_decay
+        self.set_lr(1.0)  # per-group lr and weight decay from their multipliers
 
     def forward_backward(self, data_iterator: Iterator[dict], *, step: int, num_microbatches: int, seq_length: int,
                          micro_batch_size: int, device: torch.device, forward_only: bool = False) -> list[dict]:
@@ -113,12 +127,20 @@ class MegatronEngine:
         self.optimizer.zero_grad()
 
     def set_lr(self, multiplier: float) -> float:
+        """Each group's lr (peak x lr_mult x multiplier) and weight decay (optim.weight_decay x wd_mult)."""
         for g in self.optimizer.param_groups:
             g["lr"] = g["max_lr"] * g.get("lr_mult", 1.0) * multiplier
+            g["weight_decay"] = self.weight_decay * g.get("wd_mult", 1.0)
         return self.optimizer.param_groups[0]["lr"]
 
     def step(self) -> tuple[bool, float]:
-        """Apply the update unless the global gradient norm is not finite; returns (applied, norm)."""
+        """Apply the update unless the global gradient norm is not finite; returns (applied, norm).
+
+        `prepare_grads` first: megatron copies the DDP gradient buffers into `.grad` there, so a norm
+        read before it sees the zeroed `.grad` of `zero_grad` (0.0) and lets a NaN through.
+        `optimizer.step()` repeats the copy, which is idempotent.
+        """
+        self.optimizer.prepare_grads()
         norm = float(self.optimizer.get_grad_norm())
         if not math.isfinite(norm):
             return False, norm

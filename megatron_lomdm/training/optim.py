@@ -32,6 +32,7 @@ class EMA:
         tracked = list(named_params) if decay > 0 else []  # decay 0 disables the EMA (no shadow at all)
         self.params = dict(tracked)
         self.shadow = {name: p.detach().float().clone() for name, p in tracked}
+        self._live: dict[str, torch.Tensor] | None = None  # the live weights while the EMA is swapped in
 
     @torch.no_grad()
     def update(self) -> None:
@@ -40,11 +41,19 @@ class EMA:
 
     @torch.no_grad()
     def swap(self) -> None:
-        """Exchange live weights and EMA weights (call twice to restore)."""
-        for name, p in self.params.items():
-            live = p.detach().clone()
-            p.copy_(self.shadow[name].to(p.dtype))
-            self.shadow[name].copy_(live.float())
+        """Swap the EMA weights in, or (every second call) the live weights back.
+
+        The fp32 shadow itself is never overwritten: the live weights wait in a copy (in their own
+        dtype), so a bf16 model's EMA does not get rounded to bf16 at every evaluation.
+        """
+        if self._live is None:
+            self._live = {name: p.detach().clone() for name, p in self.params.items()}
+            for name, p in self.params.items():
+                p.copy_(self.shadow[name].to(p.dtype))
+        else:
+            for name, p in self.params.items():
+                p.copy_(self._live[name])
+            self._live = None
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": {k: v.clone() for k, v in self.shadow.items()}}

@@ -239,6 +239,24 @@ def test_ancestral_unmask_counts_match_schedule(source: str) -> None:
             assert abs(stay - buggy) > 5 * se
 
 
+def test_ancestral_uses_per_position_exponents() -> None:
+    """With e_R strongly dependent on position, each masked position unmasks at step k with its
+    own 1 - (s/t)^{e_i}, not with a row-wide (e.g. mean) exponent."""
+    e_L = torch.tensor([0.05, 0.2, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0], dtype=torch.float64)
+    T, B = 4, 4000
+    den = FixedDenoiser(torch.zeros(L, V), e_L)
+    res = build_sampler("ancestral", mask_id=MASK, num_steps=T).sample(
+        den, batch_size=B, seq_length=L, generator=gen(0))
+    steps_BL = res.unmask_step_BL
+    for k in range(T - 1):  # the last step fills every remaining mask
+        t, s = float(res.grid[k]), float(res.grid[k + 1])
+        n_L = (steps_BL >= k).sum(0).double()  # still masked at t
+        frac_L = (steps_BL == k).sum(0).double() / n_L
+        p_L = 1 - (s / t) ** e_L
+        se_L = (p_L * (1 - p_L) / n_L).sqrt()
+        assert bool(((frac_L - p_L).abs() < 5 * se_L + 1e-12).all()), (k, frac_L, p_L)
+
+
 def test_ancestral_needs_exponents_for_learned_families() -> None:
     fam = build_family("lomdm", c1=0.7, c2=0.65, block_size=1, vocab_size=V, seq_length=L,
                        mask_id=MASK)
