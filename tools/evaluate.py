@@ -9,6 +9,9 @@ num_tokens, num_sequences, t_draws and a fingerprint (checkpoint step + sha256 o
 manifest fingerprint, t draws, weights, seed, precision, layout); see
 megatron_lomdm/training/evaluate.py for the protocol.
 
+For ARM and BD3LM the NELBO's Monte-Carlo estimate has finite variance (see
+megatron_lomdm/diffusion/bd3lm.py); ``--exact-ar`` adds an ARM run's exact AR NLL beside it.
+
 ``--score-jsonl FILE`` instead scores token sequences with an ARM run's exact autoregressive
 likelihood (the judge of ``tools/sample.py --judge RUN_DIR``); it writes one JSON line per input
 line to ``--score-out`` (default stdout).
@@ -40,8 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-sequences", type=int, default=None, help="evaluate only the first N sequences")
     p.add_argument("--no-hash", action="store_true", help="skip the checkpoint sha256 (large checkpoints)")
     p.add_argument("--exact-ar", action="store_true",
-                   help="ARM runs: also the exact autoregressive NLL/PPL of the eval set (one row per token; the "
-                        "NELBO's Monte-Carlo estimate has a heavy tail for ARM)")
+                   help="ARM runs: also the exact autoregressive NLL/PPL of the eval set (one row per token, "
+                        "no Monte-Carlo noise). The default NELBO estimate is already unbiased for it with "
+                        "finite variance (one position per draw, weight L; slot families integrate the "
+                        "block-local time out), so this is a noiseless cross-check")
     p.add_argument("--out", default=None, help="also write the JSON to this file")
     p.add_argument("--score-jsonl", default=None,
                    help="score the sequences of this JSONL file (token_ids or text) with the exact AR "

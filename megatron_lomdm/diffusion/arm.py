@@ -4,6 +4,9 @@ alpha^(i)(t) = clip(L (1 - t) - i + 1, 0, 1): position i is masked only during t
 [(L - i)/L, (L - i + 1)/L], while every earlier position is clean and every later one is
 fully masked (with velocity 0, hence zero loss). With a predictor that only sees the clean
 prefix, the NELBO equals the autoregressive NLL exactly. This is BD3LM with block size 1.
+Its Monte-Carlo estimator (``SlotFamily.estimator_schedule``) draws one position i uniformly
+(t uniform on [0, 1)), masks it and everything after it, and weighs its loss by L: L (-log
+p(x_i | x_<i)), or 0 if i is a pad, an unbiased estimate of the AR NLL with finite variance.
 Schedule math runs in fp32 even under bf16 autocast.
 
 Shape legend:
@@ -12,6 +15,8 @@ Shape legend:
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from megatron_lomdm.diffusion.bd3lm import SlotFamily
 
@@ -38,6 +43,9 @@ class ARMFamily(SlotFamily):
         vocab_size: int,
         seq_length: int,
         mask_id: int,
+        num_corruptions: int,
+        learn_order: bool,
+        order_logits: Sequence[float],
     ) -> ARMFamily:
         """Build from ``diffusion.*``; no family-specific setting is used."""
         return cls(seq_length=seq_length, mask_id=mask_id)
