@@ -123,15 +123,13 @@ def step_flops_of(family: str, args: argparse.Namespace, shards: Path) -> float:
     """FLOPs of one training step of `family` at the benchmark's shape (our analytic counter)."""
     from megatron_lomdm.config import load_config
     from megatron_lomdm.data.shards import read_manifest
-    from megatron_lomdm.diffusion import build_family
-    from megatron_lomdm.training.build import resolve_data_fields
+    from megatron_lomdm.training.build import family_from_config, resolve_data_fields
     from megatron_lomdm.utils.flops import Shape, step_flops
 
     overrides = command(family, 1, args, shards, WORK / "unused")[5:]
     cfg = resolve_data_fields(load_config(ROOT / "configs/experiments/tiny_cpu.yaml", overrides), read_manifest(shards))
-    m, d = cfg.model, cfg.diffusion
-    fam = build_family(d.name, c1=d.c1, c2=d.c2, block_size=d.block_size, vocab_size=m.vocab_size,
-                       seq_length=m.seq_length, mask_id=m.mask_id)
+    m = cfg.model
+    fam = family_from_config(cfg)
     return step_flops(Shape(m.num_layers, m.hidden_size, m.ffn_size, m.vocab_size, m.seq_length),
                       unique_sequences=args.batch, num_corruptions=fam.num_corruptions,
                       clean_pass=fam.needs_clean_features, heads=fam.needs_clean_features)

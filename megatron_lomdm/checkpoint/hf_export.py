@@ -48,6 +48,7 @@ Native -> HF names (``hf_modeling.modeling_lomdm``):
     backbone.output_layer.weight                     -> lm_head.weight  (trimmed)
     rev_head.* / fwd_head.*                          -> reverse_head.* / forward_head.*
     family.raw_exponent_V                            -> token_exponent_raw
+    family.order_logits_L                            -> order_logits
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ _NATIVE_TO_HF = (
     (r"rev_head\.(.+)", r"reverse_head.\1"),
     (r"fwd_head\.(.+)", r"forward_head.\1"),
     (r"family\.raw_exponent_V", "token_exponent_raw"),
+    (r"family\.order_logits_L", "order_logits"),
 )
 def _invert_rules() -> tuple[tuple[re.Pattern, str], ...]:
     """HF -> native rules: each native pattern's groups become the HF template's backrefs."""
@@ -482,6 +484,7 @@ def hf_config_from_native(cfg: Any, *, padded_vocab_size: int,
         bos_token_id=tok.get("bos_id"), eos_token_id=tok.get("eos_id"),
         head_num_attention_heads=m.head_num_heads or m.num_heads, head_mlp_ratio=HEAD_MLP_RATIO,
         head_layer_norm_eps=HEAD_LAYER_NORM_EPS, padded_vocab_size=padded_vocab_size,
+        head_center_logits=m.head_center_logits,
         native_config=config_to_dict(cfg),
     )
 
@@ -495,7 +498,8 @@ def native_config_dict_from_hf(hf_config: Mapping[str, Any]) -> dict[str, Any]:
                  ffn_hidden_size=hf_config["intermediate_size"],
                  seq_length=hf_config["max_position_embeddings"],
                  vocab_size=hf_config["vocab_size"], mask_id=hf_config["mask_id"],
-                 head_num_heads=hf_config.get("head_num_attention_heads") or 0)
+                 head_num_heads=hf_config.get("head_num_attention_heads") or 0,
+                 head_center_logits=bool(hf_config.get("head_center_logits", False)))
     if hf_config.get("pad_token_id") is not None:
         model["pad_id"] = hf_config["pad_token_id"]
     data.setdefault("diffusion", {}).update(
@@ -917,7 +921,10 @@ def build_native_tp1(cfg: Any, full: Mapping[str, torch.Tensor] | None) -> Any:
 
 @torch.no_grad()
 def native_outputs(model: Any, batch: Mapping[str, torch.Tensor]) -> StateDict:
-    """The native model's logits (true vocab), features and reverse exponents (lomdm) on CPU."""
+    """The native model's logits (true vocab), features and reverse exponents (lomdm, genmd4,
+    multivariate) on CPU."""
+    from megatron_lomdm.diffusion.multivariate import MultivariateFamily
+
     device = next(model.parameters()).device
     ids = batch["input_ids"].to(device)
     valid = batch["attention_mask"].to(device).bool()
@@ -932,6 +939,8 @@ def native_outputs(model: Any, batch: Mapping[str, torch.Tensor]) -> StateDict:
 
         out["reverse_exponents"] = expected_token_rate_vocab_parallel(
             logits, model.family.token_exponents(), model.backbone.mask_id)
+    elif isinstance(model.family, MultivariateFamily):  # context-free: e_R = e_F = w
+        out["reverse_exponents"] = model.family.exponents(valid)
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 

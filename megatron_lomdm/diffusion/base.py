@@ -22,6 +22,7 @@ Shape legend:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,29 @@ VELOCITY_FLOOR = 1e-6
 # t == 1 (reachable by fp32 rounding of the time sampler) gives a finite log(alpha) ~ -69
 # and finite gradients instead of log(0).
 _LOG_MASK_PROB_CAP = -1e-30
+
+
+def check_num_corruptions(family: str, num_corruptions: int) -> int:
+    """Validate K for a family that learns its forward schedule by RLOO (method.md §3.4).
+
+    The leave-one-out baseline needs at least one other corruption of the same (x, t).
+
+    Args:
+        family: The family's ``diffusion.name`` (for the message).
+        num_corruptions: K from ``diffusion.num_corruptions``.
+
+    Returns:
+        K as an int.
+
+    Raises:
+        ValueError: Unless K is an integer >= 2; the message names the key.
+    """
+    if isinstance(num_corruptions, bool) or int(num_corruptions) != num_corruptions or num_corruptions < 2:
+        raise ValueError(
+            f"the {family} family learns its forward schedule with RLOO and needs "
+            f"diffusion.num_corruptions >= 2, got {num_corruptions!r}"
+        )
+    return int(num_corruptions)
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -112,14 +136,20 @@ class DiffusionFamily(nn.Module):
             z_t to ``reverse_velocity`` (LoMDM).
         needs_expected_rate: The step must pass ``expected_rate_KBL`` = sum_v x_theta,v w_v
             with w = ``token_exponents()`` to ``reverse_velocity`` (GenMD4).
-        num_corruptions: Corruptions per sequence; 2 when the forward scheduler is learnable
-            so that the RLOO score-function term applies, else 1.
+        num_corruptions: Corruptions K per sequence (an instance attribute where it is set
+            from ``diffusion.num_corruptions``): >= 2 when the forward scheduler is learnable
+            so that the RLOO score-function term applies (``check_num_corruptions``), else 1.
+        needs_time_floor: The NELBO estimator's weights grow like 1/t as t -> 0, so training
+            and evaluation draw t in [eps_t, 1] (method.md §3.6). False where the estimator is
+            bounded (slot families): t is then drawn uniform on [0, 1), which keeps the
+            estimate exactly unbiased.
     """
 
     needs_clean_features: bool = False
     needs_reverse_head: bool = False
     needs_expected_rate: bool = False
     num_corruptions: int = 1
+    needs_time_floor: bool = True
 
     def __init__(self, *, seq_length: int, mask_id: int) -> None:
         """Store the sequence length and [MASK] id shared by all families.
@@ -142,16 +172,23 @@ class DiffusionFamily(nn.Module):
         vocab_size: int,
         seq_length: int,
         mask_id: int,
+        num_corruptions: int,
+        learn_order: bool,
+        order_logits: Sequence[float],
     ) -> DiffusionFamily:
         """Validate the ``diffusion.*`` settings this family uses and build it.
 
         Args:
             c1: Mean exponent (power families).
-            c2: Exponent spread (LoMDM).
+            c2: Exponent spread (LoMDM, multivariate).
             block_size: Block length L' (BD3LM).
             vocab_size: Vocabulary size V including [MASK].
             seq_length: Sequence length L.
             mask_id: Token id of [MASK].
+            num_corruptions: K corruptions per sequence (families with a learnable forward
+                schedule; context-free families ignore it and use 1).
+            learn_order: Train the order logits (multivariate).
+            order_logits: Initial order logits, length L or empty (multivariate).
 
         Returns:
             The family.
@@ -226,6 +263,65 @@ class DiffusionFamily(nn.Module):
             The log-prob of the true token under the OeMDM denoiser, (K, B, L).
         """
         return logp_true_KBL
+
+    # ----------------------------------------------------------------------------------
+    # The Monte-Carlo NELBO estimator (training and evaluation; samplers never use it).
+    # ----------------------------------------------------------------------------------
+
+    def estimator_schedule(
+        self,
+        *,
+        x_BL: Tensor,
+        t_B: Tensor,
+        fwd_logits_BL: Tensor | None = None,
+        valid_BL: Tensor | None = None,
+    ) -> ForwardSchedule:
+        """The law the one-sample NELBO estimator draws its corruption from at time t.
+
+        Averaged over the time sampler's t and over ``sample_masks``, the estimate has the
+        same mean as under ``forward_schedule``'s law: the NELBO. A family may integrate part
+        of the noise out analytically to lower the variance: the slot families (ARM, BD3LM)
+        return a ``SlotEstimatorSchedule`` whose masks and weights differ from
+        ``forward_schedule``'s (finite instead of infinite variance) with the same mean.
+        ``sample_masks`` and ``log_q`` follow the law of the schedule they are given.
+
+        Args:
+            x_BL: Clean token ids, (B, L).
+            t_B: Diffusion times, (B,).
+            fwd_logits_BL: Forward scheduler head logits (``needs_clean_features``).
+            valid_BL: Non-pad positions, (B, L) bool; None means all valid.
+
+        Returns:
+            The schedule; by default ``forward_schedule``'s.
+        """
+        return self.forward_schedule(
+            x_BL=x_BL, t_B=t_B, fwd_logits_BL=fwd_logits_BL, valid_BL=valid_BL
+        )
+
+    def estimator_reverse_velocity(
+        self,
+        *,
+        sched: ForwardSchedule,
+        t_KB: Tensor,
+        rev_logits_KBL: Tensor | None = None,
+        expected_rate_KBL: Tensor | None = None,
+        valid_BL: Tensor | None = None,
+    ) -> Tensor:
+        """A_hat to pair with an ``estimator_schedule`` in the loss (fp32 even under autocast).
+
+        Args:
+            sched: The schedule from ``estimator_schedule``.
+            t_KB, rev_logits_KBL, expected_rate_KBL, valid_BL: As in ``reverse_velocity``.
+
+        Returns:
+            A_hat, (K, B, L); by default ``reverse_velocity``'s.
+        """
+        return self.reverse_velocity(
+            t_KB=t_KB,
+            rev_logits_KBL=rev_logits_KBL,
+            expected_rate_KBL=expected_rate_KBL,
+            valid_BL=valid_BL,
+        )
 
     # ----------------------------------------------------------------------------------
     # Shared by all families.

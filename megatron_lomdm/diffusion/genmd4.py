@@ -22,6 +22,7 @@ Shape legend:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +31,7 @@ from megatron_lomdm.diffusion.base import (
     VELOCITY_FLOOR,
     DiffusionFamily,
     ForwardSchedule,
+    check_num_corruptions,
     compute_dtype,
     power_schedule,
 )
@@ -42,18 +44,25 @@ class GenMD4Family(DiffusionFamily):
     """GenMD4 (``diffusion.name: genmd4``): per-token-id learnable power schedule."""
 
     needs_expected_rate = True
-    num_corruptions = 2
 
-    def __init__(self, *, vocab_size: int, seq_length: int, mask_id: int) -> None:
+    def __init__(
+        self, *, vocab_size: int, seq_length: int, mask_id: int, num_corruptions: int = 2
+    ) -> None:
         """Build the family with w_v = 1 for every token.
 
         Args:
             vocab_size: Vocabulary size V (including [MASK]).
             seq_length: Sequence length L.
             mask_id: Token id of [MASK].
+            num_corruptions: K corruptions per sequence for RLOO, >= 2 (GenMD4's 2).
+
+        Raises:
+            ValueError: Unless K >= 2.
         """
+        num_corruptions = check_num_corruptions("genmd4", num_corruptions)
         super().__init__(seq_length=seq_length, mask_id=mask_id)
         self.vocab_size = vocab_size
+        self.num_corruptions = num_corruptions
         raw_init = math.log(math.expm1(_POWER_INIT))  # softplus^-1(power_init)
         self.raw_exponent_V = nn.Parameter(torch.full((vocab_size,), raw_init))
 
@@ -67,9 +76,17 @@ class GenMD4Family(DiffusionFamily):
         vocab_size: int,
         seq_length: int,
         mask_id: int,
+        num_corruptions: int,
+        learn_order: bool,
+        order_logits: Sequence[float],
     ) -> GenMD4Family:
-        """Build from ``diffusion.*``; uses vocab_size."""
-        return cls(vocab_size=vocab_size, seq_length=seq_length, mask_id=mask_id)
+        """Build from ``diffusion.*``; uses vocab_size and num_corruptions."""
+        return cls(
+            vocab_size=vocab_size,
+            seq_length=seq_length,
+            mask_id=mask_id,
+            num_corruptions=num_corruptions,
+        )
 
     def token_exponents(self) -> Tensor:
         """The per-token exponents w = softplus(w_raw) in fp32 (fp64 if the parameter is), (V,).

@@ -17,12 +17,15 @@ Shape legend:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 from megatron_lomdm.diffusion.base import (
     DiffusionFamily,
     ForwardSchedule,
+    check_num_corruptions,
     compute_dtype,
     power_schedule,
 )
@@ -53,9 +56,10 @@ class LoMDMFamily(DiffusionFamily):
 
     needs_clean_features = True
     needs_reverse_head = True
-    num_corruptions = 2
 
-    def __init__(self, *, c1: float, c2: float, seq_length: int, mask_id: int) -> None:
+    def __init__(
+        self, *, c1: float, c2: float, seq_length: int, mask_id: int, num_corruptions: int = 2
+    ) -> None:
         """Build the family.
 
         Args:
@@ -63,17 +67,20 @@ class LoMDMFamily(DiffusionFamily):
             c2: Exponent spread; c1 > c2 >= 0 (method.md §3.2, "Prop. C.3").
             seq_length: Sequence length L.
             mask_id: Token id of [MASK].
+            num_corruptions: K corruptions per sequence for RLOO, >= 2 (the paper's 2).
 
         Raises:
-            ValueError: Unless c1 > c2 >= 0.
+            ValueError: Unless c1 > c2 >= 0 and K >= 2.
         """
         if not (c1 > c2 >= 0):
             raise ValueError(
                 f"the lomdm family needs diffusion.c1 > diffusion.c2 >= 0, got c1={c1}, c2={c2}"
             )
+        num_corruptions = check_num_corruptions("lomdm", num_corruptions)
         super().__init__(seq_length=seq_length, mask_id=mask_id)
         self.c1 = float(c1)
         self.c2 = float(c2)
+        self.num_corruptions = num_corruptions
 
     @classmethod
     def from_config(
@@ -85,9 +92,14 @@ class LoMDMFamily(DiffusionFamily):
         vocab_size: int,
         seq_length: int,
         mask_id: int,
+        num_corruptions: int,
+        learn_order: bool,
+        order_logits: Sequence[float],
     ) -> LoMDMFamily:
-        """Build from ``diffusion.*``; uses c1 and c2."""
-        return cls(c1=c1, c2=c2, seq_length=seq_length, mask_id=mask_id)
+        """Build from ``diffusion.*``; uses c1, c2 and num_corruptions."""
+        return cls(
+            c1=c1, c2=c2, seq_length=seq_length, mask_id=mask_id, num_corruptions=num_corruptions
+        )
 
     def exponents(self, logits_XL: Tensor, valid_XL: Tensor | None = None) -> Tensor:
         """Exponents e = c1 + c2 NormSig(logits), in fp32 (fp64 for fp64 logits).

@@ -12,6 +12,8 @@ Shape legend:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from megatron_lomdm.diffusion.poly import PowerFamily
 
 
@@ -37,6 +39,9 @@ class MDLMFamily(PowerFamily):
         vocab_size: int,
         seq_length: int,
         mask_id: int,
+        num_corruptions: int,
+        learn_order: bool,
+        order_logits: Sequence[float],
     ) -> MDLMFamily:
         """Build from ``diffusion.*``; no family-specific setting is used."""
         return cls(seq_length=seq_length, mask_id=mask_id)

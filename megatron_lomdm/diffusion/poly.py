@@ -12,6 +12,8 @@ Shape legend:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -77,6 +79,9 @@ class PolyFamily(PowerFamily):
         vocab_size: int,
         seq_length: int,
         mask_id: int,
+        num_corruptions: int,
+        learn_order: bool,
+        order_logits: Sequence[float],
     ) -> PolyFamily:
         """Build from ``diffusion.*``; uses c1 only."""
         return cls(c1=c1, seq_length=seq_length, mask_id=mask_id)

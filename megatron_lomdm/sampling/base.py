@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from megatron_lomdm.diffusion.base import ContextFreeFamily, DiffusionFamily
 from megatron_lomdm.diffusion.genmd4 import GenMD4Family
 from megatron_lomdm.diffusion.lomdm import LoMDMFamily
+from megatron_lomdm.diffusion.multivariate import MultivariateFamily
 from megatron_lomdm.diffusion.poly import PowerFamily
 from megatron_lomdm.diffusion.subs import expected_token_rate
 
@@ -269,7 +270,7 @@ class FamilyReverse(ReverseSchedule):
                 f"seq_length={self.family.seq_length}"
             )
         t_1 = torch.tensor([t], dtype=_F64, device=device)
-        return self.family.schedule(t_1).log_mask_prob_BL[0]
+        return self.family.schedule(t_1).log_mask_prob_BL[0].detach()
 
 
 def reverse_schedule(
@@ -279,9 +280,9 @@ def reverse_schedule(
 
     Args:
         family: An OeMDM family. Power families (mdlm, poly) give ``PowerReverse``; other
-            context-free families (arm, bd3lm) give ``FamilyReverse``; lomdm and genmd4 give
-            a ``PowerReverse`` with mean exponent c1 (lomdm) or 1 (genmd4) that requires
-            the denoiser to return e_R.
+            context-free families (arm, bd3lm, multivariate) give ``FamilyReverse``; lomdm
+            and genmd4 give a ``PowerReverse`` with mean exponent c1 (lomdm) or 1 (genmd4)
+            that requires the denoiser to return e_R.
         exponent: A constant exponent instead of a family.
 
     Returns:
@@ -339,7 +340,9 @@ def denoiser_from_backbone(
     - lomdm: e_R = c1 + c2 NormSig(rev_head(hidden)) from the same pass (method.md §3.5).
     - genmd4: e_R = sum_v softmax_SUBS(logits)_v w_v and the logits are tilted by log w, so
       tokens are drawn from x~_v ∝ w_v mu_v (the OeMDM form of GenMD4, method.md §2).
-    - context-free families: no exponents (the sampler's ``family`` option supplies them).
+    - multivariate: its per-position exponents w (context-free, alpha_R = alpha_F = 1 - t^w),
+      so every power-law sampler (ancestral, exact Plackett-Luce) follows the learned order.
+    - other context-free families: no exponents (the sampler's ``family`` option supplies them).
 
     Args:
         backbone: Returns full-vocabulary logits (gather tensor-parallel slices first) and
@@ -365,6 +368,9 @@ def denoiser_from_backbone(
             B, L, V = logits_BLV.shape
             rate_BL = expected_token_rate(logits_BLV.reshape(B * L, V), w_V, family.mask_id)
             return DenoiserOutput(logits_BLV.float() + w_V.log(), rate_BL.view(B, L))
+        if isinstance(family, MultivariateFamily):
+            e_L = family.exponents().detach()  # fp32, all positions (as lomdm's e_R)
+            return DenoiserOutput(logits_BLV, e_L.expand(z_BL.shape).to(logits_BLV.device))
         return DenoiserOutput(logits_BLV, None)
 
     return denoise

@@ -8,8 +8,8 @@ The denoiser (``RunDenoiser``) makes ONE backbone pass per call (method.md §3.5
   ``true_vocab_size`` (padding ids can never be drawn; [MASK] is removed by the sampler's SUBS);
 - lomdm: the reverse exponents e_R = c1 + c2 NormSig(g_psi(h)) come from the hidden states of
   the SAME pass; genmd4: ``denoiser_from_backbone`` (e_R = E_x_theta[w], logits tilted by log w);
-  context-free families (mdlm, poly, arm, bd3lm) return no exponents and the sampler gets
-  ``family=`` instead;
+  multivariate: its learned per-position exponents w; the other context-free families (mdlm,
+  poly, arm, bd3lm) return no exponents and the sampler gets ``family=`` instead;
 - under PP the pass runs through megatron's forward-only pipeline schedule and the output is
   broadcast from the last stage, so every rank of a model replica runs the sampler identically
   (same generator, same outputs, same control flow).
@@ -50,6 +50,7 @@ from torch import Tensor
 from megatron_lomdm.data.shards import read_manifest
 from megatron_lomdm.diffusion.genmd4 import GenMD4Family
 from megatron_lomdm.diffusion.lomdm import LoMDMFamily
+from megatron_lomdm.diffusion.multivariate import MultivariateFamily
 from megatron_lomdm.sampling import SAMPLERS
 from megatron_lomdm.sampling.base import DenoiserOutput, Sampler, denoiser_from_backbone
 from megatron_lomdm.sampling.grids import GridSpec
@@ -92,7 +93,7 @@ class RunDenoiser:
     Attributes:
         num_calls: backbone passes made so far.
         exp_sum_L / exp_count_L: per-position sums of e_R over the masked positions of every
-            call (lomdm/genmd4), fp64 (L,).
+            call (lomdm/genmd4/multivariate), fp64 (L,).
         corr: pooled sums for the Pearson correlation of e_R with the max-probability of x_theta
             at masked positions (the inference-time "Figure 4" signal).
     """
@@ -104,7 +105,7 @@ class RunDenoiser:
         self.backbone = self.model.backbone
         self.true_vocab_size = int(self.backbone.true_vocab_size)
         self.mask_id = int(self.model.mask_id)
-        self.has_exponents = isinstance(self.family, (LoMDMFamily, GenMD4Family))
+        self.has_exponents = isinstance(self.family, (LoMDMFamily, GenMD4Family, MultivariateFamily))
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.pp = parallel_state.get_pipeline_model_parallel_world_size()
         self.diagnostics = diagnostics

@@ -279,10 +279,11 @@ def test_hf_generate_matches_native_sampler(tp1_run: Path, tp1_export: tuple[Pat
             assert got["num_calls"] == ref.num_calls, steps
 
 
-@pytest.mark.parametrize("family", ["genmd4", "bd3lm"])
+@pytest.mark.parametrize("family", ["genmd4", "bd3lm", "multivariate"])
 def test_export_other_families(family: str, tp1_run: Path, tmp_path: Path) -> None:
-    """GenMD4 (token exponents) and BD3LM (slot schedule): verified export, and ``generate``
-    equals the native ancestral sampler. The weights are a fresh random init (no training)."""
+    """GenMD4 (token exponents), BD3LM (slot schedule) and multivariate (per-position order
+    logits): verified export, and ``generate`` equals the native ancestral sampler. The weights
+    are a fresh random init (no training)."""
     from megatron_lomdm.checkpoint.hf_modeling import LoMDMForMaskedDiffusion
     from megatron_lomdm.config import load_config, save_config
     from megatron_lomdm.config.load import replace
@@ -300,6 +301,9 @@ def test_export_other_families(family: str, tp1_run: Path, tmp_path: Path) -> No
         if family == "genmd4":
             with torch.no_grad():
                 model.family.raw_exponent_V.normal_(0.0, 1.0)
+        if family == "multivariate":
+            with torch.no_grad():
+                model.family.order_logits_L.normal_(0.0, 3.0)
         shadow = {k: v.detach().float().clone() for k, v in model.named_parameters()}
         torch.save({"ema": {"decay": 0.0, "shadow": shadow}}, folder / "rank_000_000.pt")
         denoise = denoiser_from_backbone(lambda z: model.backbone(z), family=model.family)
@@ -310,7 +314,7 @@ def test_export_other_families(family: str, tp1_run: Path, tmp_path: Path) -> No
 
     result = hf_export.export_run(run_dir, tmp_path / "hf", verify=True)
     expected = {"logits", "last_hidden_state"}
-    if family == "genmd4":
+    if family in ("genmd4", "multivariate"):
         expected.add("reverse_exponents")
     assert set(result.max_abs_diff) == expected
     assert max(result.max_abs_diff.values()) < 1e-5, result.max_abs_diff

@@ -156,3 +156,43 @@ def test_cli_bad_override_exits_with_message() -> None:
     )
     assert out.returncode == 2
     assert "unknown key 'trian'" in out.stderr and "did you mean 'train'" in out.stderr
+
+
+def test_num_corruptions_key() -> None:
+    """diffusion.num_corruptions: K >= 2 for learned forward schedules, ignored by context-free ones."""
+    assert load_config(None).diffusion.num_corruptions == 2
+    assert load_config(None, ["diffusion.num_corruptions=4"]).diffusion.num_corruptions == 4
+    for name in ("lomdm", "genmd4", "multivariate"):
+        with pytest.raises(ValueError, match=r"diffusion\.num_corruptions.*K >= 2"):
+            load_config(None, [f"diffusion.name={name}", "diffusion.num_corruptions=1"])
+    for name in ("mdlm", "poly", "arm", "bd3lm"):  # ignored (K = 1): a shared config may switch families
+        load_config(None, [f"diffusion.name={name}", "diffusion.c2=0.0", "diffusion.num_corruptions=4"])
+    # a frozen multivariate schedule is context-free as well
+    load_config(None, ["diffusion.name=multivariate", "diffusion.learn_order=false", "diffusion.num_corruptions=1"])
+    with pytest.raises(ValueError, match=r"diffusion\.num_corruptions: must be >= 1"):
+        load_config(None, ["diffusion.name=mdlm", "diffusion.num_corruptions=0"])
+    with pytest.raises(ValueError, match=r"diffusion\.num_corruptions: expected int"):
+        load_config(None, ["diffusion.num_corruptions=2.5"])
+
+
+def test_multivariate_keys() -> None:
+    cfg = load_config(ROOT / "configs/diffusion/multivariate.yaml")
+    d = cfg.diffusion
+    assert (d.name, d.learn_order, d.order_logits, d.num_corruptions) == ("multivariate", True, [], 2)
+    cfg = load_config(None, ["diffusion.name=multivariate", "model.seq_length=4", "diffusion.learn_order=false",
+                             "diffusion.order_logits=[6, 6, -6, -6]"])
+    assert cfg.diffusion.order_logits == [6.0, 6.0, -6.0, -6.0] and not cfg.diffusion.learn_order
+    with pytest.raises(ValueError, match=r"diffusion\.c1.*multivariate needs diffusion\.c1 > diffusion\.c2 >= 0"):
+        load_config(None, ["diffusion.name=multivariate", "diffusion.c1=0.5", "diffusion.c2=0.6"])
+    with pytest.raises(ValueError, match=r"diffusion\.order_logits: has 3 values.*model\.seq_length=4"):
+        load_config(None, ["diffusion.name=multivariate", "model.seq_length=4", "diffusion.order_logits=[1, 2, 3]"])
+    with pytest.raises(ValueError, match=r"diffusion\.order_logits\[1\]: expected a finite number"):
+        load_config(None, ["diffusion.name=multivariate", "diffusion.order_logits=[1, x]"])
+    with pytest.raises(ValueError, match=r"diffusion\.order_logits: expected a list"):
+        load_config(None, ["diffusion.name=multivariate", "diffusion.order_logits=3"])
+    with pytest.raises(ValueError, match=r"diffusion\.learn_order: only the multivariate family"):
+        load_config(None, ["diffusion.name=lomdm", "diffusion.learn_order=false"])
+    with pytest.raises(ValueError, match=r"diffusion\.order_logits: only the multivariate family"):
+        load_config(None, ["diffusion.name=poly", "diffusion.c2=0", "diffusion.order_logits=[1.0]"])
+    with pytest.raises(ValueError, match=r"diffusion\.learn_order: expected bool"):
+        load_config(None, ["diffusion.name=multivariate", "diffusion.learn_order=3"])

@@ -11,11 +11,11 @@ _KW = dict(c1=0.7, c2=0.65, block_size=4, vocab_size=11, seq_length=8, mask_id=1
 
 
 def test_family_names() -> None:
-    assert set(FAMILIES) == {"mdlm", "poly", "arm", "bd3lm", "genmd4", "lomdm"}
+    assert set(FAMILIES) == {"mdlm", "poly", "arm", "bd3lm", "genmd4", "lomdm", "multivariate"}
     for name, cls in FAMILIES.items():
         family = build_family(name, **_KW)
         assert isinstance(family, cls) and isinstance(family, DiffusionFamily)
-        assert family.num_corruptions == (2 if name in ("genmd4", "lomdm") else 1)
+        assert family.num_corruptions == (2 if name in ("genmd4", "lomdm", "multivariate") else 1)
         assert family.needs_clean_features == (name == "lomdm")
         assert family.needs_reverse_head == (name == "lomdm")
         assert family.needs_expected_rate == (name == "genmd4")
@@ -67,3 +67,19 @@ def test_genmd4_parameters_and_init() -> None:
     assert family.token_exponents().sub(1.0).abs().max() < 1e-6
     for name in ("mdlm", "poly", "arm", "bd3lm", "lomdm"):
         assert not list(build_family(name, **_KW).parameters())
+
+
+@pytest.mark.parametrize("name", ["lomdm", "genmd4", "multivariate"])
+def test_num_corruptions_is_an_instance_setting(name: str) -> None:
+    """K comes from diffusion.num_corruptions for learned forward schedules; < 2 names the key."""
+    assert build_family(name, **_KW, num_corruptions=4).num_corruptions == 4
+    assert build_family(name, **_KW).num_corruptions == 2
+    for bad in (1, 0):
+        with pytest.raises(ValueError, match=r"diffusion\.num_corruptions >= 2"):
+            build_family(name, **_KW, num_corruptions=bad)
+
+
+@pytest.mark.parametrize("name", ["mdlm", "poly", "arm", "bd3lm"])
+def test_context_free_families_ignore_num_corruptions(name: str) -> None:
+    assert build_family(name, **_KW, num_corruptions=4).num_corruptions == 1
+    assert build_family(name, **_KW, num_corruptions=1).num_corruptions == 1

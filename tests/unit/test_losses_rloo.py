@@ -34,13 +34,70 @@ def test_rloo_k2_formula() -> None:
         rloo_surrogate(loss_KB[:1], log_q_KB[:1])
 
 
-class _Toy:
-    """L=4 LoMDM toy: context-dependent denoiser log-probs and reverse logits per mask pattern."""
+def test_rloo_leave_one_out_general_k() -> None:
+    """K=4: grad of the surrogate w.r.t. log q_k is (1/K) (l_k - mean_{j != k} l_j), written out
+    with loops, and ``compute_loss_terms`` applies it to per-token sequence losses."""
+    K, B = 4, 3
+    g = torch.Generator().manual_seed(11)
+    loss_KB = torch.rand(K, B, generator=g, dtype=F64)
+    log_q_KB = (-5 * torch.rand(K, B, generator=g, dtype=F64)).requires_grad_(True)
+    (grad_KB,) = torch.autograd.grad(rloo_surrogate(loss_KB, log_q_KB).sum(), log_q_KB)
+    for k in range(K):
+        for b in range(B):
+            others = [float(loss_KB[j, b]) for j in range(K) if j != k]
+            expected = (float(loss_KB[k, b]) - sum(others) / (K - 1)) / K
+            assert abs(float(grad_KB[k, b]) - expected) < 1e-14
 
-    def __init__(self) -> None:
+    # Through compute_loss_terms: per-sequence losses l_kb = S_kb / n_b, surrogate scaled by n_b.
+    Lx = 5
+    family = build_family(
+        "lomdm", c1=0.7, c2=0.65, block_size=1, vocab_size=3, seq_length=Lx, mask_id=2,
+        num_corruptions=K,
+    )
+    assert family.num_corruptions == K
+    valid_BL = torch.ones(B, Lx, dtype=torch.bool)
+    valid_BL[1, 3:] = False
+    sched = family.forward_schedule(
+        x_BL=torch.zeros(B, Lx, dtype=torch.long),
+        t_B=torch.tensor([0.2, 0.5, 0.9], dtype=F64),
+        fwd_logits_BL=torch.randn(B, Lx, generator=g, dtype=F64),
+        valid_BL=valid_BL,
+    )
+    mask_KBL = family.sample_masks(sched, torch.rand(K, B, Lx, generator=g, dtype=F64)) & valid_BL
+    logp_KBL = torch.where(mask_KBL, -torch.rand(K, B, Lx, generator=g, dtype=F64), 0.0)
+    velocity_hat_KBL = torch.rand(K, B, Lx, generator=g, dtype=F64) + 0.5
+    log_q_KB = family.log_q(sched, mask_KBL, valid_BL).detach().requires_grad_(True)
+    terms = compute_loss_terms(
+        family, sched=sched, mask_KBL=mask_KBL, logp_true_KBL=logp_KBL,
+        velocity_hat_KBL=velocity_hat_KBL, log_q_KB=log_q_KB, valid_BL=valid_BL,
+    )
+    (g_log_q_KB,) = torch.autograd.grad(terms.surrogate, log_q_KB)
+    per_pos_KBL = main_term(sched.velocity_BL, logp_KBL) + velocity_term(
+        sched.velocity_BL, velocity_hat_KBL
+    )
+    n_B = valid_BL.sum(-1).to(F64)
+    ell_KB = torch.where(mask_KBL, per_pos_KBL, 0.0).sum(-1).detach() / n_B
+    for k in range(K):
+        for b in range(B):
+            baseline = (ell_KB[:, b].sum() - ell_KB[k, b]) / (K - 1)
+            expected = float(n_B[b] * (ell_KB[k, b] - baseline) / K)
+            assert abs(float(g_log_q_KB[k, b]) - expected) < 1e-12
+    torch.testing.assert_close(terms.nelbo, (ell_KB * n_B).sum() / K)
+
+
+class _Toy:
+    """L=4 toy: context-dependent denoiser log-probs and reverse logits per mask pattern.
+
+    ``name`` picks the family (lomdm by default; multivariate reads its own order logits and
+    ignores the scheduler logits phi), ``num_corruptions`` its K.
+    """
+
+    def __init__(self, name: str = "lomdm", num_corruptions: int = 2) -> None:
         g = torch.Generator().manual_seed(0)
+        self.num_corruptions = num_corruptions
         self.family = build_family(
-            "lomdm", c1=0.7, c2=0.65, block_size=1, vocab_size=3, seq_length=L, mask_id=2
+            name, c1=0.7, c2=0.65, block_size=1, vocab_size=3, seq_length=L, mask_id=2,
+            num_corruptions=num_corruptions,
         )
         num_patterns = 2**L
         self.logp_PL = -torch.nn.functional.softplus(
@@ -103,7 +160,8 @@ def _mc_gradients(
         x_BL=torch.zeros(B, L, dtype=torch.long), t_B=t_B, fwd_logits_BL=phi_RL[replicate_B]
     )
     g = torch.Generator().manual_seed(seed)
-    mask_KBL = toy.family.sample_masks(sched, torch.rand(2, B, L, generator=g, dtype=F64))
+    u_KBL = torch.rand(toy.num_corruptions, B, L, generator=g, dtype=F64)
+    mask_KBL = toy.family.sample_masks(sched, u_KBL)
     logp_KBL, velocity_hat_KBL = toy.inputs(mask_KBL, t_B)
     log_q_KB = toy.family.log_q(sched, mask_KBL)
     terms = compute_loss_terms(
@@ -119,9 +177,10 @@ def _mc_gradients(
     return grad_RL / (J * per_node * L)  # surrogate / num_tokens per replicate
 
 
-def test_rloo_unbiased() -> None:
+@pytest.mark.parametrize("num_corruptions", [2, 4])
+def test_rloo_unbiased(num_corruptions: int) -> None:
     """Mean surrogate gradient w.r.t. the forward-scheduler logits = exact gradient (FD)."""
-    toy = _Toy()
+    toy = _Toy(num_corruptions=num_corruptions)
     phi_L = toy.phi_L.clone().requires_grad_(True)
     (exact_grad_L,) = torch.autograd.grad(toy.exact_objective(phi_L), phi_L)
     h = 1e-5

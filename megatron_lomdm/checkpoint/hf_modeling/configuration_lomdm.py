@@ -10,7 +10,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-FAMILIES = ("mdlm", "poly", "arm", "bd3lm", "genmd4", "lomdm")
+FAMILIES = ("mdlm", "poly", "arm", "bd3lm", "genmd4", "lomdm", "multivariate")
 
 
 class LoMDMConfig(PretrainedConfig):
@@ -29,9 +29,9 @@ class LoMDMConfig(PretrainedConfig):
         layer_norm_eps: LayerNorm epsilon of the backbone.
         rope_theta: rotary base.
         hidden_act: MLP activation (``gelu``: the exact erf GELU).
-        family: OeMDM family: mdlm, poly, arm, bd3lm, genmd4 or lomdm.
-        c1: mean exponent (poly, lomdm).
-        c2: exponent spread (lomdm).
+        family: OeMDM family: mdlm, poly, arm, bd3lm, genmd4, lomdm or multivariate.
+        c1: mean exponent (poly, lomdm, multivariate).
+        c2: exponent spread (lomdm, multivariate).
         block_size: block length L' (bd3lm; arm is 1).
         eps_t: smallest training time (informational).
         mask_id: the [MASK] id.
@@ -39,6 +39,7 @@ class LoMDMConfig(PretrainedConfig):
         head_num_attention_heads: heads of the scheduler heads' transformer block.
         head_mlp_ratio: MLP width of the scheduler heads as a multiple of D.
         head_layer_norm_eps: LayerNorm epsilon of the scheduler heads.
+        head_center_logits: centre the heads' logits over the valid positions (exports before it: false).
         padded_vocab_size: the training run's padded vocabulary (re-import only).
         native_config: the training run's resolved config (re-import only).
     """
@@ -69,14 +70,15 @@ class LoMDMConfig(PretrainedConfig):
         head_num_attention_heads: int | None = None,
         head_mlp_ratio: int = 4,
         head_layer_norm_eps: float = 1e-5,
+        head_center_logits: bool = False,
         padded_vocab_size: int | None = None,
         native_config: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         if family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-        if family == "lomdm" and not c1 > c2 >= 0:
-            raise ValueError(f"the lomdm family needs c1 > c2 >= 0, got c1={c1}, c2={c2}")
+        if family in ("lomdm", "multivariate") and not c1 > c2 >= 0:
+            raise ValueError(f"the {family} family needs c1 > c2 >= 0, got c1={c1}, c2={c2}")
         if family == "poly" and not c1 > 0:
             raise ValueError(f"the poly family needs c1 > 0, got {c1}")
         if hidden_size % num_attention_heads:
@@ -106,6 +108,7 @@ class LoMDMConfig(PretrainedConfig):
         self.head_num_attention_heads = head_num_attention_heads or num_attention_heads
         self.head_mlp_ratio = head_mlp_ratio
         self.head_layer_norm_eps = head_layer_norm_eps
+        self.head_center_logits = head_center_logits
         self.padded_vocab_size = padded_vocab_size or vocab_size
         self.native_config = native_config
         kwargs.setdefault("tie_word_embeddings", False)

@@ -20,6 +20,8 @@ The model also carries what sampling needs (method.md §3.2, §3.5):
       head g_phi is exported too (training only: it is needed to fine-tune, not to sample);
     * genmd4: the per-token exponents w = softplus(token_exponent_raw); e_R = sum_v mu_v w_v and
       tokens are drawn from x~_v ∝ w_v mu_v (the OeMDM form of GenMD4);
+    * multivariate: one order logit per position; e_R = c1 + c2 NormSig(order_logits), the same
+      for every sequence (context-free; sequences must have the training length L);
     * mdlm / poly: the constant exponent 1 / c1; arm / bd3lm: the block slot schedule.
 ``generate`` runs the OeMDM ancestral sampler on the grid linspace(1, 0, T + 1): a masked
 position unmasks from t to s with probability 1 - (s/t)^{e_R} (stay-masked (s/t)^{e_R}), draws
@@ -212,6 +214,7 @@ class LoMDMSchedulerHead(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(D, width), nn.GELU(), nn.Linear(width, D))
         self.out = nn.Sequential(nn.LayerNorm(D, eps=eps), nn.Linear(D, D), nn.GELU(),
                                  nn.Linear(D, 1))
+        self.center = bool(getattr(config, "head_center_logits", False))
 
     def forward(self, features_BLD: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -221,7 +224,12 @@ class LoMDMSchedulerHead(nn.Module):
             keep_B11L = ~key_padding_mask(attention_mask)
         x_BLD = x_BLD + self.attn(self.norm_attn(x_BLD), keep_B11L)
         x_BLD = x_BLD + self.mlp(self.norm_mlp(x_BLD))
-        return self.out(x_BLD).squeeze(-1).float()
+        logits_BL = self.out(x_BLD).squeeze(-1).float()
+        if not self.center:
+            return logits_BL
+        w_BL = torch.ones_like(logits_BL) if attention_mask is None else attention_mask.to(logits_BL.dtype)
+        mean_B1 = (logits_BL * w_BL).sum(-1, keepdim=True) / w_BL.sum(-1, keepdim=True).clamp_min(1.0)
+        return logits_BL - mean_B1  # centred over the valid positions, as in training
 
 
 def normsig(logits_BL: torch.Tensor, valid_BL: torch.Tensor | None = None) -> torch.Tensor:
@@ -290,7 +298,8 @@ class LoMDMOutput(ModelOutput):
             sampler / loss: the [MASK] logit is not yet -inf here).
         last_hidden_state: the features f(z) after the final LayerNorm [B, L, D].
         reverse_exponents: e_R [B, L] fp32: lomdm c1 + c2 NormSig(g_psi(f)); genmd4 the expected
-            token exponent under SUBS x_theta; None for the context-free families.
+            token exponent under SUBS x_theta; multivariate c1 + c2 NormSig(order_logits); None
+            for the other context-free families.
         hidden_states: embedding output and every layer's output, if requested.
     """
 
@@ -314,13 +323,16 @@ class LoMDMPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.out[-1].bias)
         if isinstance(module, LoMDMForMaskedDiffusion) and module.token_exponent_raw is not None:
             nn.init.constant_(module.token_exponent_raw, math.log(math.expm1(1.0)))
+        if isinstance(module, LoMDMForMaskedDiffusion) and module.order_logits is not None:
+            nn.init.zeros_(module.order_logits)  # the polynomial schedule
 
 
 class LoMDMForMaskedDiffusion(LoMDMPreTrainedModel):
     """Backbone + LM head + the family's reverse scheduler, with ``generate``.
 
     Parameters: ``model.*`` (backbone), ``lm_head.weight``, and per family
-    ``reverse_head.*`` + ``forward_head.*`` (lomdm) or ``token_exponent_raw`` (genmd4).
+    ``reverse_head.*`` + ``forward_head.*`` (lomdm), ``token_exponent_raw`` (genmd4) or
+    ``order_logits`` [L] (multivariate).
     """
 
     def __init__(self, config: LoMDMConfig) -> None:
@@ -332,6 +344,8 @@ class LoMDMForMaskedDiffusion(LoMDMPreTrainedModel):
         self.forward_head = LoMDMSchedulerHead(config) if lomdm else None
         self.token_exponent_raw = (nn.Parameter(torch.zeros(config.vocab_size))
                                    if config.family == "genmd4" else None)
+        self.order_logits = (nn.Parameter(torch.zeros(config.max_position_embeddings))
+                             if config.family == "multivariate" else None)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -356,6 +370,16 @@ class LoMDMForMaskedDiffusion(LoMDMPreTrainedModel):
             logits = logits_BLV.float().index_fill(
                 -1, torch.tensor([cfg.mask_id], device=logits_BLV.device), -math.inf)
             return (torch.softmax(logits, dim=-1) * self.token_exponents()).sum(-1)
+        if cfg.family == "multivariate":
+            B, L = logits_BLV.shape[:2]
+            if L != self.order_logits.shape[0]:
+                raise ValueError(f"the multivariate family has one order logit per position: "
+                                 f"sequences must have length {self.order_logits.shape[0]}, got {L}")
+            v_L = self.order_logits.float()
+            v_L = v_L - v_L.mean()  # centred, as in training
+            if attention_mask is None:
+                return (cfg.c1 + cfg.c2 * normsig(v_L)).expand(B, L)
+            return cfg.c1 + cfg.c2 * normsig(v_L.expand(B, L), attention_mask)
         return None
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
