@@ -6,6 +6,7 @@ A slightly larger model than tiny_cpu makes steps long enough (tens of ms) to in
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -191,3 +192,24 @@ def test_bf16_checkpoint_resume(tiny_shards: Path, tmp_path: Path) -> None:
     ref = losses(straight)
     assert all(math.isfinite(x) for x in ref)
     assert losses(resumed) == ref
+
+
+def test_ppots_resume_bit_exact(tiny_shards: Path, tmp_path: Path) -> None:
+    """P-POTS time sampling: its estimator (per-bin loss sums, proposal) is checkpointed, so a run
+    resumed between two proposal refreshes continues bit-exactly. Two launches: the straight run
+    keeps its step-3 checkpoint, which a second run directory resumes from."""
+    overrides = ("diffusion.time_sampler=ppots", "diffusion.ppots_bins=8", "diffusion.ppots_refresh=2",
+                 "diffusion.ppots_warmup=2", "checkpoint.interval=3", "checkpoint.keep_last=2")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    out = train(straight, tiny_shards, "train.steps=6", *overrides)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("P-POTS proposal refreshed") == 3  # after steps 2, 4 and 6
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step_0000003", resumed / "checkpoints" / "step_0000003")
+    (resumed / "checkpoints" / "latest").write_text("step_0000003\n")
+    out = train(resumed, tiny_shards, "train.steps=6", *overrides)  # mid-window: one step after a refresh
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "at step 3" in out.stderr and out.stderr.count("P-POTS proposal refreshed") == 2
+    ref = losses(straight)
+    assert len(ref) == 6 and all(math.isfinite(x) for x in ref)
+    assert losses(resumed) == ref[3:]
