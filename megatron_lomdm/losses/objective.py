@@ -24,7 +24,7 @@ from torch import Tensor
 
 from megatron_lomdm.diffusion.base import DiffusionFamily, ForwardSchedule, compute_dtype
 from megatron_lomdm.losses.nelbo import main_term, velocity_term
-from megatron_lomdm.losses.rloo import rloo_surrogate
+from megatron_lomdm.losses.rloo import rloo_advantage, rloo_surrogate
 
 
 @dataclass
@@ -38,6 +38,15 @@ class LossTerms:
         velocity: Sum of the velocity term over masked valid positions (detached).
         rloo: Value of the RLOO surrogate (detached; not a loss, 0 when K = 1).
         num_tokens: Number of valid (non-pad) positions of the B sequences, int64 scalar.
+        seq_nelbo: Per-token NELBO of each sequence, mean over K, UNweighted (detached), (B,):
+            the statistic P-POTS estimates its loss scale from.
+        surrogate_KB: The surrogate split by corruption, (K, B), graph attached (None without
+            RLOO): corruption k's main + velocity sum / K plus its RLOO share n_b adv_kb log q_kb / K
+            (times weight_b); sums to ``surrogate``. For diagnostics only (``losses.grad_snr``).
+
+    With importance weights (``weight_B``, P-POTS time sampling) every term, the surrogate and
+    the reported nelbo/main/velocity/rloo alike, is the weighted sum: an unbiased estimate of
+    the same sum under uniform t.
     """
 
     surrogate: Tensor
@@ -46,6 +55,8 @@ class LossTerms:
     velocity: Tensor
     rloo: Tensor
     num_tokens: Tensor
+    seq_nelbo: Tensor | None = None
+    surrogate_KB: Tensor | None = None
 
 
 def compute_loss_terms(
@@ -57,6 +68,7 @@ def compute_loss_terms(
     velocity_hat_KBL: Tensor,
     log_q_KB: Tensor | None,
     valid_BL: Tensor,
+    weight_B: Tensor | None = None,
 ) -> LossTerms:
     """Compute the NELBO terms and the backprop surrogate for one micro-batch.
 
@@ -75,6 +87,9 @@ def compute_loss_terms(
         log_q_KB: log q(z_k | x, t) over valid positions, (K, B); may be None when RLOO
             does not apply.
         valid_BL: Bool non-pad positions, (B, L); pads contribute nothing anywhere.
+        weight_B: Optional importance weight of each sequence, (B,) (P-POTS: uniform density
+            over proposal density of its t). It multiplies the sequence's whole objective (NELBO
+            and RLOO terms) and every reported sum; None (default) leaves all values unchanged.
 
     Returns:
         The LossTerms.
@@ -103,7 +118,11 @@ def compute_loss_terms(
 
     seq_sum_KB = (main_KBL + vel_KBL).sum(-1)
     num_valid_B = valid_BL.sum(-1)
-    nelbo_sum = seq_sum_KB.sum() / K
+    seq_nelbo_B = (seq_sum_KB.sum(0) / K / num_valid_B.clamp_min(1).to(dtype)).detach()
+    w_B = None if weight_B is None else weight_B.to(dtype)
+    if w_B is not None and w_B.shape != (B,):
+        raise ValueError(f"weight_B has shape {tuple(w_B.shape)}, expected {(B,)}")
+    nelbo_sum = seq_sum_KB.sum() / K if w_B is None else (seq_sum_KB.sum(0) * w_B).sum() / K
 
     use_rloo = family.num_corruptions > 1 and K > 1
     if use_rloo:
@@ -111,16 +130,25 @@ def compute_loss_terms(
             raise ValueError("log_q_KB is required for a family with a learnable forward schedule")
         seq_loss_KB = seq_sum_KB / num_valid_B.clamp_min(1).to(dtype)
         rloo_B = rloo_surrogate(seq_loss_KB, log_q_KB.to(dtype))
+        rloo_B = rloo_B if w_B is None else rloo_B * w_B
         rloo_sum = (rloo_B * num_valid_B.to(dtype)).sum()
+        surrogate_KB = (seq_sum_KB + num_valid_B.to(dtype) * rloo_advantage(seq_loss_KB) * log_q_KB.to(dtype)) / K
+        surrogate_KB = surrogate_KB if w_B is None else surrogate_KB * w_B
     else:
         rloo_sum = torch.zeros((), dtype=dtype, device=seq_sum_KB.device)
+        surrogate_KB = None
+
+    def weighted_sum(x_KBL: Tensor) -> Tensor:
+        return x_KBL.sum() / K if w_B is None else (x_KBL.sum((0, 2)) * w_B).sum() / K
 
     # detach: reported values only; the surrogate is the single backprop target.
     return LossTerms(
         surrogate=nelbo_sum + rloo_sum,
         nelbo=nelbo_sum.detach(),
-        main=(main_KBL.sum() / K).detach(),
-        velocity=(vel_KBL.sum() / K).detach(),
+        main=weighted_sum(main_KBL).detach(),
+        velocity=weighted_sum(vel_KBL).detach(),
         rloo=rloo_sum.detach(),
         num_tokens=num_valid_B.sum().to(torch.int64),
+        seq_nelbo=seq_nelbo_B,
+        surrogate_KB=surrogate_KB,
     )

@@ -34,11 +34,19 @@ def rloo_surrogate(loss_KB: Tensor, log_q_KB: Tensor) -> Tensor:
             f"loss_KB {tuple(loss_KB.shape)} and log_q_KB {tuple(log_q_KB.shape)} must both "
             "be (K, B)"
         )
+    return (rloo_advantage(loss_KB) * log_q_KB).mean(0)
+
+
+def rloo_advantage(loss_KB: Tensor) -> Tensor:
+    """The stop-gradient leave-one-out advantage loss_k - mean_{j != k} loss_j, (K, B).
+
+    Raises:
+        ValueError: If K < 2.
+    """
     K = loss_KB.shape[0]
     if K < 2:
         raise ValueError(f"RLOO needs K >= 2 corruptions per sequence, got K={K}")
     # stop-grad: RLOO advantage (a baseline-corrected reward, not differentiated).
     loss_KB = loss_KB.detach()
     baseline_KB = (loss_KB.sum(0, keepdim=True) - loss_KB) / (K - 1)
-    advantage_KB = loss_KB - baseline_KB
-    return (advantage_KB * log_q_KB).mean(0)
+    return loss_KB - baseline_KB

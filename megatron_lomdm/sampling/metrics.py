@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from megatron_lomdm.utils.stats import row_pearson
+
 _F64 = torch.float64
 
 TokenSeq = Sequence[int] | Tensor
@@ -222,21 +224,14 @@ def velocity_confidence_corr(
         per_sequence: Return one correlation per sequence instead of the pooled one.
 
     Returns:
-        fp64 scalar (pooled) or (B,); NaN where a variance is 0 or < 2 points.
+        fp64 scalar (pooled) or (B,); NaN where a variance is 0 or < 2 points
+        (``utils.stats.row_pearson``, the math shared with the training diagnostics).
     """
-    x_BL, y_BL = exponents_BL.to(_F64), confidence_BL.to(_F64)
-    w_BL = torch.ones_like(x_BL) if valid_BL is None else valid_BL.to(_F64)
-    dims = -1 if per_sequence else (0, 1)
-    n = w_BL.sum(dims)
-    mx, my = (w_BL * x_BL).sum(dims) / n, (w_BL * y_BL).sum(dims) / n
+    w_BL = None if valid_BL is None else valid_BL.bool().expand_as(exponents_BL)
     if per_sequence:
-        dx_BL, dy_BL = x_BL - mx[:, None], y_BL - my[:, None]
-    else:
-        dx_BL, dy_BL = x_BL - mx, y_BL - my
-    cov = (w_BL * dx_BL * dy_BL).sum(dims)
-    var_x, var_y = (w_BL * dx_BL**2).sum(dims), (w_BL * dy_BL**2).sum(dims)
-    corr = cov / torch.sqrt(var_x * var_y)
-    return torch.where((n >= 2) & (var_x > 0) & (var_y > 0), corr, math.nan)
+        return row_pearson(exponents_BL, confidence_BL, w_BL)
+    flat = None if w_BL is None else w_BL.reshape(1, -1)
+    return row_pearson(exponents_BL.reshape(1, -1), confidence_BL.reshape(1, -1), flat)[0]
 
 
 def order_agreement(unmask_step_BL: Tensor, first_P: Sequence[int], second_Q: Sequence[int]) -> Tensor:

@@ -47,6 +47,8 @@ from megatron_lomdm.config import Config, load_config
 from megatron_lomdm.config.load import replace
 from megatron_lomdm.data.loader import ShardLoader
 from megatron_lomdm.data.shards import check_tokenizer_compat, read_manifest
+from megatron_lomdm.models.diffusion_lm import DIAG_KEYS
+from megatron_lomdm.training.step import order_stats
 from megatron_lomdm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -55,8 +57,7 @@ log = get_logger(__name__)
 # away from the few negative steps `Run.evaluate` (in-training validation) uses.
 EVAL_NOISE_STEP = -(1 << 24)
 # Sums carried from the loss reports (the order diagnostics are optional).
-_SUM_KEYS = ("nelbo", "main", "velocity", "num_tokens", "exp_n", "exp_sum", "exp_sq", "corr_n", "corr_a",
-             "corr_c", "corr_aa", "corr_cc", "corr_ac")
+_SUM_KEYS = ("nelbo", "main", "velocity", "num_tokens", *DIAG_KEYS)
 
 
 class RunNotReady(ValueError):
@@ -372,18 +373,10 @@ def _sum_reports(reports: list[dict], device: torch.device) -> dict[str, float]:
 
 
 def _order_stats(s: dict[str, float]) -> dict[str, float]:
-    """Mean/std of the forward exponent (A·t) over tokens; its Pearson correlation with the
-    backbone's confidence in the true token at masked positions ("Figure 4")."""
-    if s["exp_n"] <= 0:
-        return {}
-    n, m = s["exp_n"], max(s["corr_n"], 1.0)
-    mean = s["exp_sum"] / n
-    out = {"exponent_mean": mean, "exponent_std": max(s["exp_sq"] / n - mean * mean, 0.0) ** 0.5}
-    var_a = s["corr_aa"] / m - (s["corr_a"] / m) ** 2
-    var_c = s["corr_cc"] / m - (s["corr_c"] / m) ** 2
-    cov = s["corr_ac"] / m - s["corr_a"] / m * s["corr_c"] / m
-    out["velocity_confidence_corr"] = cov / (var_a * var_c) ** 0.5 if var_a > 1e-12 and var_c > 1e-12 else 0.0
-    return out
+    """Mean/std of the forward exponent (A·t) over tokens and the mean within-sequence correlation
+    of A·t with the backbone's confidence in the true token at masked positions ("Figure 4"):
+    the training statistics (`training.step.order_stats`) over the whole eval set."""
+    return order_stats(s) if s["exp_n"] > 0 else {}
 
 
 def resolve_eval_data(run: Any, data: str | Path | None, split: str | None) -> tuple[str, str]:
@@ -476,7 +469,7 @@ def evaluate_run(run: Any, *, data: str | Path | None = None, split: str | None 
                            "num_sequences": n, "max_sequences": max_sequences,
                            "tokenizer_sha256": manifest.tokenizer.get("tokenizer_json_sha256")}
     fingerprint["protocol"] = {"t_draws": t_draws, "time_sampler": "antithetic over sequences x draws",
-                               "eps_t": cfg.diffusion.eps_t, "seed": seed, "noise_step": EVAL_NOISE_STEP,
+                               "eps_t": model.eps_t, "seed": seed, "noise_step": EVAL_NOISE_STEP,  # 0: slot families
                                "corruptions_per_draw": model.family.num_corruptions, "velocity_term": True,
                                "pads": "excluded", "micro_batch_size": mbs}
     fingerprint = broadcast_object(fingerprint)  # rank 0 holds the checkpoint hash

@@ -14,7 +14,7 @@ import torch
 from megatron_lomdm.config import Config
 from megatron_lomdm.training.build import Run, build_run
 from megatron_lomdm.training.optim import lr_multiplier
-from megatron_lomdm.training.step import reduce_reports
+from megatron_lomdm.training.step import IntervalSums, reduce_reports
 from megatron_lomdm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -27,8 +27,11 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
-def train_step(run: Run) -> dict[str, float]:
-    """One optimizer step on the next global batch; returns its metrics (per-token values)."""
+def train_step(run: Run, interval: IntervalSums | None = None) -> dict[str, float]:
+    """One optimizer step on the next global batch; returns its metrics (per-token values).
+
+    `interval`, if given, accumulates the step's sums for the log-interval statistics.
+    """
     cfg, state = run.cfg, run.state
     lr = run.engine.set_lr(lr_multiplier(state.step, warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.train.steps,
                                          schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio))
@@ -38,6 +41,10 @@ def train_step(run: Run) -> dict[str, float]:
                                           seq_length=cfg.model.seq_length, micro_batch_size=cfg.train.micro_batch_size,
                                           device=run.device)
     out = reduce_reports(reports, run.device)
+    if interval is not None:
+        interval.add(out)
+    if run.ppots is not None:  # P-POTS: this step's loss statistics; refreshes the t proposal when due
+        run.ppots.observe(reports, step=state.step)
     applied, grad_norm = run.engine.step() if math.isfinite(out.values["surrogate"]) else (False, math.nan)
     if applied:
         run.ema.update()
@@ -70,14 +77,17 @@ def run_training(cfg: Config) -> bool:
     """
     run = build_run(cfg)
     ended = False
+    interval = IntervalSums()  # velocity-confidence correlation (and gradient SNR) of each log interval
     try:
         while run.state.step < cfg.train.steps:
-            metrics = train_step(run)
-            step = run.state.step
+            step = run.state.step + 1
+            logged = step % cfg.train.log_interval == 0 or step == cfg.train.steps
+            run.model.grad_snr = logged  # the forward head's gradient SNR on log steps only (~7% of a tiny step)
+            metrics = train_step(run, interval)
             if step == 1:  # optimizer state exists only after the first update
                 log_state_bytes(run)
-            if step % cfg.train.log_interval == 0 or step == cfg.train.steps:
-                run.log_metrics(metrics)
+            if logged:
+                run.log_metrics({**metrics, **interval.pop()})
             if run.state.bad_steps >= run.max_bad_steps:
                 run.save_checkpoint()
                 raise ValueError(f"{run.state.bad_steps} consecutive steps with a non-finite loss or gradient "

@@ -12,8 +12,9 @@ accumulation and data parallelism exact reformulations of one big batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -22,10 +23,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_lomdm.losses.grad_snr import SNR_KEYS
 from megatron_lomdm.losses.objective import LossTerms
 from megatron_lomdm.models.diffusion_lm import DIAG_KEYS
 
 REPORT_KEYS = ("nelbo", "main", "velocity", "rloo", "surrogate")
+# Report sums whose statistics the loop averages over a whole log interval (`IntervalSums`).
+INTERVAL_KEYS = ("corr_sum", "corr_seqs", *SNR_KEYS)
 
 
 def loss_func(terms: LossTerms, diag: dict[str, torch.Tensor], output_tensor: torch.Tensor):
@@ -121,19 +125,51 @@ class StepReport:
 
     values: dict[str, float]
     num_tokens: int
+    sums: dict[str, float] = field(default_factory=dict)  # the reduced sums of every report key
 
 
-def _order_stats(sums: dict[str, float]) -> dict[str, float]:
-    """Mean/std of the scaled forward velocity and its Pearson correlation with confidence."""
+def interval_stats(sums: dict[str, float]) -> dict[str, float]:
+    """Statistics of the `INTERVAL_KEYS` sums (of one step, a log interval or an eval set).
+
+    ``velocity_confidence_corr``: the mean over corrupted sequences of the within-sequence
+    correlation of the scaled forward velocity with confidence
+    (`models.diffusion_lm.order_diagnostics`); 0 when no sequence qualifies (e.g. while every
+    exponent is equal). ``order_grad_snr``: S / N of the forward head's logit gradient
+    (`losses.grad_snr`); only where it was computed (LoMDM training, log steps).
+    """
+    seqs = sums["corr_seqs"]
+    out = {"velocity_confidence_corr": sums["corr_sum"] / seqs if seqs > 0 else 0.0}
+    if sums["snr_seqs"] > 0:
+        out["order_grad_snr"] = sums["snr_signal"] / sums["snr_noise"] if sums["snr_noise"] > 0 else 0.0
+    return out
+
+
+def order_stats(sums: dict[str, float]) -> dict[str, float]:
+    """Mean/std of the scaled forward velocity, plus `interval_stats`."""
     n = max(sums["exp_n"], 1.0)
     mean = sums["exp_sum"] / n
     std = max(sums["exp_sq"] / n - mean * mean, 0.0) ** 0.5
-    m = max(sums["corr_n"], 1.0)
-    cov = sums["corr_ac"] / m - sums["corr_a"] / m * sums["corr_c"] / m
-    var_a = sums["corr_aa"] / m - (sums["corr_a"] / m) ** 2
-    var_c = sums["corr_cc"] / m - (sums["corr_c"] / m) ** 2
-    corr = cov / (var_a * var_c) ** 0.5 if var_a > 1e-12 and var_c > 1e-12 else 0.0
-    return {"exponent_mean": mean, "exponent_std": std, "velocity_confidence_corr": corr}
+    return {"exponent_mean": mean, "exponent_std": std, **interval_stats(sums)}
+
+
+class IntervalSums:
+    """The `INTERVAL_KEYS` sums of the steps since the last log line, so that the logged
+    correlation and SNR describe the whole interval rather than its last step."""
+
+    def __init__(self) -> None:
+        self.sums = dict.fromkeys(INTERVAL_KEYS, 0.0)
+
+    def add(self, report: StepReport) -> None:
+        """Add one step's sums (left out if any is non-finite: a skipped step)."""
+        if all(math.isfinite(report.sums[k]) for k in INTERVAL_KEYS):
+            for k in INTERVAL_KEYS:
+                self.sums[k] += report.sums[k]
+
+    def pop(self) -> dict[str, float]:
+        """The interval's statistics; the next interval starts empty."""
+        out = interval_stats(self.sums)
+        self.sums = dict.fromkeys(INTERVAL_KEYS, 0.0)
+        return out
 
 
 def reduce_reports(reports: list[dict], device: torch.device) -> StepReport:
@@ -151,8 +187,8 @@ def reduce_reports(reports: list[dict], device: torch.device) -> StepReport:
     sums = dict(zip(keys, sums_K.tolist()))
     ntok = max(sums["num_tokens"], 1.0)
     values = {k: sums[k] / ntok for k in REPORT_KEYS}
-    values.update(_order_stats(sums))
-    return StepReport(values=values, num_tokens=int(sums["num_tokens"]))
+    values.update(order_stats(sums))
+    return StepReport(values=values, num_tokens=int(sums["num_tokens"]), sums=sums)
 
 
 def forward_backward(model: torch.nn.Module, data_iterator: Iterator[dict], *, step: int, num_microbatches: int,

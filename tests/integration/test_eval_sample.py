@@ -160,6 +160,9 @@ def test_evaluate_cli_json(lomdm_run: Path, tiny_shards: Path, tmp_path: Path) -
     again = _json(_cli("evaluate.py", "--run-dir", lomdm_run, "--t-draws", "2", "--micro-batch-size", "3",
                        "--no-hash"))
     assert again["nelbo"] == pytest.approx(got["nelbo"], rel=1e-6)  # fp32 per-micro-batch sums
+    # the training statistic: mean within-sequence correlation, independent of the micro-batching
+    assert -1.0 <= got["velocity_confidence_corr"] <= 1.0 and "order_grad_snr" not in got
+    assert again["velocity_confidence_corr"] == pytest.approx(got["velocity_confidence_corr"], rel=1e-9)
 
     # read-only: the run directory is untouched
     assert (lomdm_run / "config.yaml").read_bytes() == config_before

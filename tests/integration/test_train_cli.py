@@ -7,6 +7,7 @@ depend on the layout).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -23,9 +24,11 @@ def test_train_cli_writes_run_dir(tiny_shards: Path, tmp_path: Path) -> None:
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for r in records:
-        for key in ("loss", "nelbo", "main", "velocity", "rloo", "lr", "grad_norm", "tokens_per_s"):
+        for key in ("loss", "nelbo", "main", "velocity", "rloo", "lr", "grad_norm", "tokens_per_s",
+                    "velocity_confidence_corr", "order_grad_snr"):  # the learned-order diagnostics (LoMDM)
             assert key in r and r[key] is not None, key
         assert r["velocity"] >= 0.0 and r["nelbo"] > 0.0
+        assert -1.0 <= r["velocity_confidence_corr"] <= 1.0 and math.isfinite(r["order_grad_snr"])
     assert (run_dir / "config.yaml").exists()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000004"
 
