@@ -12,7 +12,7 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup demo test bench bench-learning clean-demo
+.PHONY: setup demo test bench bench-learning bench-order clean-demo
 
 setup: $(STAMP)
 
@@ -39,6 +39,10 @@ bench: setup
 # not in CI: MDLM vs polynomial vs LoMDM learning curves on the demo corpus (<= 60 min on 2 cores)
 bench-learning: setup
 	$(PY) bench/learning.py
+
+# not in CI: does the learned order learn the easy order of a synthetic task? (<= 15 min on 2 cores)
+bench-order: setup
+	$(PY) bench/order_task.py
 
 clean-demo:
 	rm -rf runs/demo_cpu demo_data

@@ -12,14 +12,19 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-FAMILY_NAMES = ("mdlm", "poly", "arm", "bd3lm", "genmd4", "lomdm")
+FAMILY_NAMES = ("mdlm", "poly", "arm", "bd3lm", "genmd4", "lomdm", "multivariate")
+TIME_SAMPLERS = ("low_discrepancy", "ppots")
 
 
 # Constraints on the schedule constants, per family (the registry re-checks them at build time).
 _FAMILY_RULES = {
     "lomdm": (lambda d: d.c1 > d.c2 >= 0, "diffusion.c1 > diffusion.c2 >= 0"),
     "poly": (lambda d: d.c1 > 0, "diffusion.c1 > 0"),
+    "multivariate": (lambda d: d.c1 > d.c2 >= 0, "diffusion.c1 > diffusion.c2 >= 0"),
 }
+# Families whose forward schedule is learned by RLOO over diffusion.num_corruptions corruptions
+# (multivariate only with diffusion.learn_order); the registry re-checks K at build time.
+_LEARNED_FORWARD = ("lomdm", "genmd4", "multivariate")
 
 
 def _fail(key: str, msg: str) -> None:
@@ -64,6 +69,14 @@ class ModelConfig:
     """Heads of the scheduler heads' transformer block; 0 means model.num_heads."""
     head_dropout: float = 0.0
     """Dropout inside the scheduler heads."""
+    head_center_logits: bool = True
+    """Centre each scheduler head's logits over the row's valid positions before NormSig (LoMDM).
+    NormSig is not shift-invariant: an uncentred head can drift all logits into sigmoid saturation,
+    a flat order with ~0 gradient that training does not leave. false = the literal paper head."""
+    clean_pass_dropout: bool = False
+    """Backbone dropout in LoMDM's clean pass f(x) (phase one). False: the clean pass runs the backbone
+    in eval mode, so f(x) is the deterministic feature extractor it is in evaluation; True: it
+    carries the training dropout noise (model.dropout)."""
     recompute: str = "none"
     """Activation recompute: none, selective or full."""
 
@@ -93,15 +106,49 @@ class ModelConfig:
 @dataclass(kw_only=True)
 class DiffusionConfig:
     name: str = "lomdm"
-    """OeMDM family member: mdlm, poly, arm, bd3lm, genmd4 or lomdm."""
+    """OeMDM family member: mdlm, poly, arm, bd3lm, genmd4, lomdm or multivariate."""
     c1: float = 0.7
-    """Mean exponent of the power schedule 1 - t^e (poly, lomdm). (1, 0) reduces LoMDM to MDLM."""
+    """Mean exponent of the power schedule 1 - t^e (poly, lomdm, multivariate). (1, 0) reduces LoMDM
+    to MDLM."""
     c2: float = 0.65
-    """Spread of the learned exponents (lomdm): e in (c1 - c2, c1 + c2). Requires c1 > c2 >= 0."""
+    """Spread of the learned exponents (lomdm, multivariate): e in (c1 - c2, c1 + c2). Requires
+    c1 > c2 >= 0."""
+    num_corruptions: int = 2
+    """K, corruptions of each sequence at its t, for the families that learn their forward schedule
+    (lomdm, genmd4, multivariate with learn_order): RLOO's baseline leaves one out over the K, so
+    K >= 2 (2 is the paper's). The backbone batch is K x train.micro_batch_size. Context-free
+    families (mdlm, poly, arm, bd3lm, multivariate with learn_order: false) have no score-function
+    term and always use K = 1: for them the key is ignored (so one config can switch diffusion.name)."""
+    learn_order: bool = True
+    """multivariate only: train the per-position order logits v (RLOO over K + pathwise); false
+    freezes them at diffusion.order_logits (a fixed multivariate schedule, K = 1, no RLOO)."""
+    order_logits: list[float] = field(default_factory=list)
+    """multivariate only: initial order logits v, one per position (model.seq_length values);
+    empty = zeros, i.e. exactly poly(c1). Exponents w = c1 + c2 NormSig(v), NormSig(v) =
+    sigmoid(v) - its mean; e.g. +6 on the first half and -6 on the second give w ~ c1 +- c2/2
+    (first half generated first in reverse), fixed-order references with learn_order: false."""
     block_size: int = 16
     """Block size L' of bd3lm (arm is block size 1)."""
     eps_t: float = 1e-3
     """Smallest diffusion time of the antithetic sampler: t in [eps_t, 1]."""
+    time_sampler: str = "low_discrepancy"
+    """Training-time sampler: low_discrepancy (MDLM's antithetic uniform t) or ppots (P-POTS,
+    method.md §5.8: t from a proposal p(t) ~ the per-t loss scale sqrt(Var + mean^2), each
+    sequence weighted by u(t)/p(t): an unbiased, lower-variance NELBO estimate). Evaluation
+    always uses low_discrepancy."""
+    ppots_bins: int = 32
+    """ppots: equal-width bins of [eps_t, 1] on which the loss scale and the proposal live."""
+    ppots_refresh: int = 100
+    """ppots: steps between refreshes of the proposal from the accumulated loss statistics."""
+    ppots_warmup: int = 200
+    """ppots: steps before the first refresh (t stays uniform, statistics accumulate); the
+    proposal is refreshed after every step count that is >= this and a multiple of ppots_refresh."""
+    ppots_uniform_mix: float = 0.1
+    """ppots: share lambda of the uniform in p = (1 - lambda) w/Z + lambda u; bounds every
+    importance weight by 1/lambda without clamping (so no bias). In (0, 1]; 1 = uniform."""
+    ppots_decay: float = 0.5
+    """ppots: weight of the previous statistics at each refresh (exponential average over
+    refreshes of the per-bin sums); 0 uses only the last ppots_refresh steps. In [0, 1)."""
 
     def __post_init__(self) -> None:
         if self.name not in FAMILY_NAMES:
@@ -109,10 +156,35 @@ class DiffusionConfig:
         rule = _FAMILY_RULES.get(self.name)
         if rule is not None and not rule[0](self):
             _fail("diffusion.c1", f"{self.name} needs {rule[1]}, got c1={self.c1}, c2={self.c2}")
+        if self.num_corruptions < 1:
+            _fail("diffusion.num_corruptions", f"must be >= 1, got {self.num_corruptions}")
+        learned = self.name in _LEARNED_FORWARD and (self.name != "multivariate" or self.learn_order)
+        if learned and self.num_corruptions < 2:
+            _fail("diffusion.num_corruptions",
+                  f"{self.name} learns its forward schedule with RLOO and needs K >= 2, got {self.num_corruptions}")
+        if self.name != "multivariate" and not self.learn_order:
+            _fail("diffusion.learn_order", f"only the multivariate family has order logits to freeze (name={self.name})")
+        if self.name != "multivariate" and self.order_logits:
+            _fail("diffusion.order_logits", f"only the multivariate family has order logits (name={self.name})")
+        for i, v in enumerate(self.order_logits):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) == float("inf"):
+                _fail(f"diffusion.order_logits[{i}]", f"expected a finite number, got {v!r}")
+        self.order_logits = [float(v) for v in self.order_logits]
         if self.block_size <= 0:
             _fail("diffusion.block_size", f"must be > 0, got {self.block_size}")
         if not 0.0 < self.eps_t < 1.0:
             _fail("diffusion.eps_t", f"must be in (0, 1), got {self.eps_t}")
+        if self.time_sampler not in TIME_SAMPLERS:
+            _fail("diffusion.time_sampler", f"must be one of {', '.join(TIME_SAMPLERS)}, got {self.time_sampler!r}")
+        for key in ("ppots_bins", "ppots_refresh"):
+            if getattr(self, key) < 1:
+                _fail(f"diffusion.{key}", f"must be >= 1, got {getattr(self, key)}")
+        if self.ppots_warmup < 0:
+            _fail("diffusion.ppots_warmup", f"must be >= 0, got {self.ppots_warmup}")
+        if not 0.0 < self.ppots_uniform_mix <= 1.0:
+            _fail("diffusion.ppots_uniform_mix", f"must be in (0, 1], got {self.ppots_uniform_mix}")
+        if not 0.0 <= self.ppots_decay < 1.0:
+            _fail("diffusion.ppots_decay", f"must be in [0, 1), got {self.ppots_decay}")
 
 
 @dataclass(kw_only=True)
@@ -176,7 +248,9 @@ class DataConfig:
 @dataclass(kw_only=True)
 class OptimConfig:
     weight_decay: float = 0.0
-    """AdamW weight decay (MDLM: 0)."""
+    """AdamW (decoupled) weight decay (MDLM: 0), the same rule on both backends: weight matrices and
+    embeddings of the backbone and the scheduler heads are decayed; biases, LayerNorm weights
+    (backbone and heads) and the family's parameters (GenMD4 exponents) never are."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.999
@@ -331,6 +405,10 @@ class Config:
             _fail("parallel.tp", f"{self.parallel.tp} does not divide model.num_heads={self.model.num_heads}")
         if self.parallel.pp > 1 and self.model.num_layers % self.parallel.pp:
             _fail("parallel.pp", f"{self.parallel.pp} does not divide model.num_layers={self.model.num_layers}")
+        d = self.diffusion
+        if d.order_logits and self.model.seq_length and len(d.order_logits) != self.model.seq_length:
+            _fail("diffusion.order_logits",
+                  f"has {len(d.order_logits)} values, expected one per position (model.seq_length={self.model.seq_length})")
         if self.diffusion.name == "bd3lm" and self.model.seq_length and self.model.seq_length % self.diffusion.block_size:
             _fail(
                 "diffusion.block_size",

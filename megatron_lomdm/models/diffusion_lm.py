@@ -12,7 +12,8 @@ returns `LossTerms`; the family decides which parts run (no family names here):
 3. phase two: one batched backbone pass over the K*B corruptions -> vocab-parallel logits and
    hidden states; SUBS log p of the true token; the reverse velocity from the reverse head on
    detached hidden states (LoMDM), from the denoiser mixture (GenMD4) or the forward schedule;
-4. the NELBO terms and the RLOO surrogate (`losses.objective`), plus order diagnostics.
+4. the NELBO terms and the RLOO surrogate (`losses.objective`), plus order diagnostics and the
+   forward head's gradient signal-to-noise sums (`losses.grad_snr`).
 
 Legend: B sequences, K corruptions, L positions, V vocabulary (this TP rank's slice), D hidden.
 """
@@ -25,12 +26,14 @@ from torch import Tensor, nn
 
 from megatron_lomdm.diffusion.base import DiffusionFamily, ForwardSchedule
 from megatron_lomdm.diffusion.noise import mask_uniforms, time_uniforms
-from megatron_lomdm.diffusion.time_sampling import low_discrepancy_t
+from megatron_lomdm.diffusion.time_sampling import bin_loss_sums, low_discrepancy_t, proposal_t, proposal_weight
+from megatron_lomdm.losses.grad_snr import SNR_KEYS, corruption_grad_snr_sums
 from megatron_lomdm.losses.objective import LossTerms, compute_loss_terms
 from megatron_lomdm.models.vocab_parallel import (
     expected_token_rate_vocab_parallel,
     subs_logp_true_vocab_parallel,
 )
+from megatron_lomdm.utils.stats import row_pearson
 
 
 class DiffusionLM(MegatronModule):
@@ -46,12 +49,22 @@ class DiffusionLM(MegatronModule):
         mask_id: id of [MASK].
         seed: `train.seed`; with the step and the sample index it fixes all diffusion noise.
         global_batch_size: unique sequences per step (the antithetic t grid spans them all).
-        eps_t: smallest time of the antithetic sampler.
+        eps_t: smallest time of the antithetic sampler; 0 for families whose NELBO estimator needs
+            no floor (`needs_time_floor` False: ARM, BD3LM), so that it stays exactly unbiased.
+        clean_pass_dropout: `model.clean_pass_dropout`; False runs the clean pass in eval mode.
+
+    P-POTS time sampling (`training.ppots` sets these; both off by default): while
+    `time_bins` > 0, training forwards report per-bin loss sums as ``diag["time_stats"]``; while
+    `time_mass` is set, training forwards draw t from that proposal and weight each sequence
+    by u(t)/p(t). Evaluation (eval mode or a negative step) always uses the uniform sampler.
+
+    While `grad_snr` is set (the loop sets it on log steps), training forwards with a forward head
+    also report the signal and noise sums of its logit gradient (`order_grad_snr`).
     """
 
     def __init__(self, backbone: nn.Module, family: DiffusionFamily, fwd_head: nn.Module | None,
                  rev_head: nn.Module | None, *, mask_id: int, seed: int, global_batch_size: int,
-                 eps_t: float) -> None:
+                 eps_t: float, clean_pass_dropout: bool = False) -> None:
         super().__init__(config=backbone.config)  # megatron schedules and DDP read the TransformerConfig
         self.backbone = backbone
         self.family = family
@@ -60,11 +73,15 @@ class DiffusionLM(MegatronModule):
         self.mask_id = mask_id
         self.seed = seed
         self.global_batch_size = global_batch_size
-        self.eps_t = eps_t
+        self.eps_t = eps_t if family.needs_time_floor else 0.0
+        self.time_bins = 0  # P-POTS: bins of the loss statistics to report (0: none)
+        self.time_mass: Tensor | None = None  # P-POTS proposal: bin probabilities, (bins,); None: uniform
+        self.grad_snr = False  # the loop turns it on for log steps: forward-head gradient SNR sums
         self.model_type = backbone.model_type
         self.pre_process = backbone.pre_process  # megatron's pipeline schedules look these up
         self.post_process = backbone.post_process
         self.share_embeddings_and_output_weights = False  # untied: nothing to sync across stages
+        self.clean_pass_dropout = clean_pass_dropout
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """Megatron's default, minus the family parameters off the last stage (they are copies there)."""
@@ -85,15 +102,34 @@ class DiffusionLM(MegatronModule):
     def backbone_parameters(self) -> list[nn.Parameter]:
         return list(self.backbone.parameters())
 
+    def _time_proposal(self, step: int) -> Tensor | None:
+        """The P-POTS proposal in force: training forwards only (evaluation stays uniform)."""
+        return self.time_mass if self.training and step >= 0 else None
+
     def draw_time(self, index_B: Tensor, step: int) -> Tensor:
-        """The antithetic time of each sequence, from its index in the global batch."""
+        """The antithetic time of each sequence, from its index in the global batch (through the
+        P-POTS proposal's inverse CDF when one is in force)."""
         u_B = time_uniforms(seed=self.seed, step=step, index_B=index_B)
-        return low_discrepancy_t(u_B, index_B, self.global_batch_size, eps=self.eps_t)
+        mass = self._time_proposal(step)
+        if mass is None:
+            return low_discrepancy_t(u_B, index_B, self.global_batch_size, eps=self.eps_t)
+        return proposal_t(u_B, index_B, self.global_batch_size, mass, eps=self.eps_t)
+
+    def time_weight(self, t_B: Tensor, step: int) -> Tensor | None:
+        """Importance weight u(t)/p(t) of each sequence under the P-POTS proposal; None without one."""
+        mass = self._time_proposal(step)
+        return None if mass is None else proposal_weight(t_B, mass, eps=self.eps_t)
 
     def clean_features(self, tokens_BL: Tensor, valid_BL: Tensor) -> Tensor:
         """Phase one: the backbone on clean x (the caller disables grad). On the last pipeline stage
-        the final hidden states f(x) [B, L, D]; elsewhere this stage's output activations."""
-        out = self.backbone(tokens_BL, valid_BL, compute_logits=False)
+        the final hidden states f(x) [B, L, D]; elsewhere this stage's output activations. Without
+        `clean_pass_dropout` the backbone runs in eval mode (no dropout, no dropout RNG draws)."""
+        was_training = self.backbone.training
+        self.backbone.train(was_training and self.clean_pass_dropout)
+        try:
+            out = self.backbone(tokens_BL, valid_BL, compute_logits=False)
+        finally:
+            self.backbone.train(was_training)
         return out[1] if self.backbone.post_process else out
 
     def forward_head_logits(self, hidden_x_BLD: Tensor, valid_BL: Tensor) -> Tensor:
@@ -121,7 +157,7 @@ class DiffusionLM(MegatronModule):
         B, L = tokens_BL.shape
         K = family.num_corruptions
         t_B = self.draw_time(index_B, step)
-        sched = family.forward_schedule(x_BL=tokens_BL, t_B=t_B, fwd_logits_BL=fwd_logits_BL, valid_BL=valid_BL)
+        sched = family.estimator_schedule(x_BL=tokens_BL, t_B=t_B, fwd_logits_BL=fwd_logits_BL, valid_BL=valid_BL)
         u_KBL = mask_uniforms(seed=self.seed, step=step, index_B=index_B, num_corruptions=K, seq_length=L)
         mask_KBL = family.sample_masks(sched, u_KBL) & valid_BL  # pads are never masked
         z_KBL = torch.where(mask_KBL, self.mask_id, tokens_BL.expand(K, B, L))
@@ -145,18 +181,25 @@ class DiffusionLM(MegatronModule):
         if family.needs_expected_rate:
             rate_NL = expected_token_rate_vocab_parallel(logits_NLV, family.token_exponents(), self.mask_id)
             rate_KBL = rate_NL.view(K, B, L)
-        velocity_hat_KBL = family.reverse_velocity(
+        velocity_hat_KBL = family.estimator_reverse_velocity(
+            sched=sched,
             t_KB=t_B.expand(K, B), rev_logits_KBL=rev_logits_KBL, expected_rate_KBL=rate_KBL, valid_BL=valid_BL
         )
         log_q_KB = family.log_q(sched, mask_KBL, valid_BL)
         terms = compute_loss_terms(
             family, sched=sched, mask_KBL=mask_KBL, logp_true_KBL=logp_true_KBL,
             velocity_hat_KBL=velocity_hat_KBL, log_q_KB=log_q_KB, valid_BL=valid_BL,
+            weight_B=self.time_weight(t_B, step),
         )
-        return terms, order_diagnostics(sched, mask_KBL, logp_true_KBL, valid_BL)
+        diag = order_diagnostics(sched, mask_KBL, logp_true_KBL, valid_BL)
+        diag.update(order_grad_snr(terms, fwd_logits_BL if self.grad_snr else None, valid_BL))
+        if self.time_bins and self.training and step >= 0:  # P-POTS loss-scale statistics
+            diag["time_stats"] = bin_loss_sums(t_B, terms.seq_nelbo, self.time_bins, self.eps_t,
+                                               keep_B=valid_BL.any(-1))
+        return terms, diag
 
 
-DIAG_KEYS = ("exp_n", "exp_sum", "exp_sq", "corr_n", "corr_a", "corr_c", "corr_aa", "corr_cc", "corr_ac")
+DIAG_KEYS = ("exp_n", "exp_sum", "exp_sq", "corr_sum", "corr_seqs", *SNR_KEYS)
 
 
 @torch.no_grad()
@@ -164,18 +207,36 @@ def order_diagnostics(sched: ForwardSchedule, mask_KBL: Tensor, logp_true_KBL: T
     """Sums from which the loop derives the learned-order statistics of method.md §4.3.
 
     The scaled forward velocity a = A·t (the exponent e for power schedules) is summarised over
-    valid positions (mean, std), and correlated (Pearson) with the backbone's confidence in the
-    true token, p = <x_theta, x>, over masked positions: the "Figure 4" curriculum signal. Sums are
-    returned so micro-batches and data-parallel ranks combine exactly.
+    valid positions (mean, std). Its link with the backbone's confidence in the true token,
+    p = <x_theta, x> (the "Figure 4" curriculum signal), is the Pearson correlation of a and p over
+    the masked valid positions of ONE corrupted sequence, where every position shares t, summed
+    over the K·B corrupted sequences that have >= 3 such positions and non-constant a and p.
+    Pooling positions of different t instead confounds it: high-a positions are masked mostly at
+    large t, where p is low, which makes the pooled correlation negative with no relation at all.
+    Sums are returned so micro-batches, data-parallel ranks and steps combine exactly.
     """
     a_BL = (sched.velocity_BL * sched.t_B[:, None]).detach().double()
     v_BL = valid_BL.double()
-    m_KBL = mask_KBL.double()
-    a_KBL = a_BL.expand_as(m_KBL)
-    c_KBL = logp_true_KBL.detach().double().exp()
+    K, B, L = mask_KBL.shape
+    c_NL = logp_true_KBL.detach().double().exp().reshape(K * B, L)
+    m_NL = (mask_KBL & valid_BL).reshape(K * B, L)
+    corr_N = row_pearson(a_BL.expand(K, B, L).reshape(K * B, L), c_NL, m_NL, min_count=3)
+    defined_N = ~corr_N.isnan()
     return {
         "exp_n": v_BL.sum(), "exp_sum": (a_BL * v_BL).sum(), "exp_sq": (a_BL.square() * v_BL).sum(),
-        "corr_n": m_KBL.sum(), "corr_a": (a_KBL * m_KBL).sum(), "corr_c": (c_KBL * m_KBL).sum(),
-        "corr_aa": (a_KBL.square() * m_KBL).sum(), "corr_cc": (c_KBL.square() * m_KBL).sum(),
-        "corr_ac": (a_KBL * c_KBL * m_KBL).sum(),
+        "corr_sum": torch.where(defined_N, corr_N, 0.0).sum(), "corr_seqs": defined_N.double().sum(),
     }
+
+
+def order_grad_snr(terms: LossTerms, fwd_logits_BL: Tensor | None, valid_BL: Tensor) -> dict[str, Tensor]:
+    """Signal and noise sums of the gradient w.r.t. the forward-head logits (`losses.grad_snr`).
+
+    Zeros where there is none: no forward head (families without `needs_clean_features`) or not
+    asked for (`fwd_logits_BL` None), no RLOO, or no graph (evaluation).
+    """
+    surrogate_KB = terms.surrogate_KB
+    if (fwd_logits_BL is None or surrogate_KB is None or not surrogate_KB.requires_grad
+            or not fwd_logits_BL.requires_grad):
+        zero = torch.zeros((), dtype=torch.float64, device=valid_BL.device)
+        return dict.fromkeys(SNR_KEYS, zero)
+    return corruption_grad_snr_sums(surrogate_KB, fwd_logits_BL, valid_BL)

@@ -19,6 +19,7 @@ from megatron_lomdm.config.load import config_to_dict, replace
 from megatron_lomdm.data.blend import BlendLoader, build_train_loader, data_manifest, source_options, valid_source
 from megatron_lomdm.data.loader import ShardLoader
 from megatron_lomdm.data.shards import Manifest, check_tokenizer_compat
+from megatron_lomdm.diffusion.base import DiffusionFamily
 from megatron_lomdm.diffusion.registry import build_family
 from megatron_lomdm.distributed.init import ParallelInfo, destroy_distributed, init_distributed
 from megatron_lomdm.distributed.wrap import Engine, build_engine
@@ -28,6 +29,7 @@ from megatron_lomdm.models.scheduler_head import SchedulerHead
 from megatron_lomdm.tracking.base import MetricsFile, Tracker
 from megatron_lomdm.tracking.mlflow_tracker import build_tracker
 from megatron_lomdm.training.optim import EMA
+from megatron_lomdm.training.ppots import PPOTSEstimator, build_ppots
 from megatron_lomdm.training.preemption import PreemptionFlag
 from megatron_lomdm.training.step import reduce_reports
 from megatron_lomdm.utils.flops import Shape, peak_flops_of_device, step_flops
@@ -75,11 +77,18 @@ def _install_cpu_backend_if_needed() -> Any:
     return install_cpu_shims
 
 
+def family_from_config(cfg: Config) -> DiffusionFamily:
+    """The OeMDM family of a resolved config (`diffusion.*` plus the model's L, V and [MASK] id)."""
+    m, d = cfg.model, cfg.diffusion
+    return build_family(d.name, c1=d.c1, c2=d.c2, block_size=d.block_size, vocab_size=m.vocab_size,
+                        seq_length=m.seq_length, mask_id=m.mask_id, num_corruptions=d.num_corruptions,
+                        learn_order=d.learn_order, order_logits=d.order_logits)
+
+
 def build_model(cfg: Config, info: ParallelInfo) -> DiffusionLM:
     """Backbone (this rank's TP/PP slice), scheduler heads and family, on this rank's device."""
     m, d = cfg.model, cfg.diffusion
-    family = build_family(d.name, c1=d.c1, c2=d.c2, block_size=d.block_size, vocab_size=m.vocab_size,
-                          seq_length=m.seq_length, mask_id=m.mask_id)
+    family = family_from_config(cfg)
     bf16 = cfg.train.precision == "bf16"
     backbone = build_backbone(
         num_layers=m.num_layers, hidden_size=m.hidden_size, num_heads=m.num_heads, ffn_hidden_size=m.ffn_size,
@@ -93,21 +102,22 @@ def build_model(cfg: Config, info: ParallelInfo) -> DiffusionLM:
     # so they start bit-identical across TP ranks (and DP ranks).
     # Heads live on the last pipeline stage, where the features they read are.
     last = parallel_state.is_pipeline_last_stage()
-    heads = (SchedulerHead(m.hidden_size, m.head_num_heads or m.num_heads, m.head_dropout),
-             SchedulerHead(m.hidden_size, m.head_num_heads or m.num_heads, m.head_dropout))
+    heads = tuple(SchedulerHead(m.hidden_size, m.head_num_heads or m.num_heads, m.head_dropout,
+                                center=m.head_center_logits) for _ in range(2))
     fwd_head = heads[0] if family.needs_clean_features and last else None
     rev_head = heads[1] if family.needs_reverse_head and last else None
     if not last:
-        # The family's learnable exponents (GenMD4) train on the last stage; other stages draw masks
+        # The family's learnable parameters (GenMD4, multivariate) train on the last stage; other stages draw masks
         # with copies that `training.step` refreshes from it every step.
         family.requires_grad_(False)
     model = DiffusionLM(backbone, family, fwd_head, rev_head, mask_id=m.mask_id, seed=cfg.train.seed,
-                        global_batch_size=cfg.train.global_batch_size, eps_t=d.eps_t)
+                        global_batch_size=cfg.train.global_batch_size, eps_t=d.eps_t,
+                        clean_pass_dropout=m.clean_pass_dropout)
     if bf16:
         # One parameter dtype, as megatron's Float16Module would give (the local spec builds its
         # LayerNorms in fp32): the bf16 optimizer keeps fp32 masters for all of them, and its
         # checkpointing cannot map fp32 parameters beside bf16 ones. Scheduler and loss math still
-        # runs in fp32 (inputs are upcast).
+        # runs in fp32 (inputs are upcast; the scheduler heads upcast their bf16 weights too).
         model = model.to(torch.bfloat16)
     return model.to(info.device)
 
@@ -130,6 +140,7 @@ class Run:
     preemption: PreemptionFlag
     state: TrainState = field(default_factory=TrainState)
     max_bad_steps: int = MAX_BAD_STEPS
+    ppots: PPOTSEstimator | None = None  # diffusion.time_sampler=ppots: loss statistics and proposal
 
     def __post_init__(self) -> None:
         self.device = self.info.device
@@ -194,6 +205,7 @@ class Run:
             "loader": self.loader.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+            **({"ppots": self.ppots.state_dict()} if self.ppots is not None else {}),
         }
 
     def load_checkpoint(self, step: int) -> None:
@@ -202,6 +214,14 @@ class Run:
         sd = self.ckpt.load(step)
         self.engine.load_state_dict(sd["engine"])
         self.ema.load_state_dict(sd["ema"])
+        if self.ppots is not None:
+            if "ppots" in sd:
+                self.ppots.load_state_dict(sd["ppots"])
+            else:
+                log.warning("checkpoint %d has no P-POTS state: its estimates start afresh (uniform t)", step)
+        elif "ppots" in sd:
+            log.warning("checkpoint %d holds P-POTS state, ignored: diffusion.time_sampler=%s",
+                        step, self.cfg.diffusion.time_sampler)
         self.state = TrainState(**sd["train_state"])
         self.loader.load_state_dict(sd["loader"])
         self.train_iter = iter(self.loader)
@@ -261,7 +281,8 @@ def build_run(cfg: Config) -> Run:
                             experiment=cfg.tracking.experiment, run_dir=run_dir,
                             run_name=cfg.run.name or run_dir.name, tags=tags, system_metrics=cfg.tracking.system_metrics)
     run = Run(cfg=cfg, info=info, model=model, engine=engine, ema=ema, loader=loader, valid_path=valid_path,
-              valid_split=valid_split, ckpt=ckpt, tracker=tracker, metrics_file=None, preemption=PreemptionFlag())
+              valid_split=valid_split, ckpt=ckpt, tracker=tracker, metrics_file=None, preemption=PreemptionFlag(),
+              ppots=build_ppots(d, model, info.device))
     if latest is not None:
         run.load_checkpoint(latest)
         log.info("resumed from %s at step %d", ckpt.root / f"step_{latest:07d}", run.state.step)
@@ -271,6 +292,6 @@ def build_run(cfg: Config) -> Run:
     if is_rank0:
         run.metrics_file = MetricsFile(run_dir / "metrics.jsonl", resume_step=run.state.step + 1)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model: %.2fM parameters on this rank (%s), family=%s, micro-batches/step=%d",
-             n_params / 1e6, info.device, d.name, run.num_microbatches)
+    log.info("model: %.2fM parameters on this rank (%s), family=%s, corruptions/sequence K=%d, micro-batches/step=%d",
+             n_params / 1e6, info.device, d.name, model.family.num_corruptions, run.num_microbatches)
     return run
