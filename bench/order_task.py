@@ -130,6 +130,16 @@ def probe(run_dir: str, pos_a: list[int], pos_b: list[int], num_samples: int) ->
     close_run()
 
 
+def train_stats(run_dir: Path) -> dict:
+    """Median unique tokens/s and the mean forward-head gradient SNR over the second half of training."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r.get("kind", "train") == "train"]
+    late = rows[len(rows) // 2:]
+    snr = [r["order_grad_snr"] for r in late if "order_grad_snr" in r]
+    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows[1:] or rows),
+            "grad_snr": statistics.mean(snr) if snr else None}
+
+
 def se(vals: list[float]) -> float:
     return statistics.stdev(vals) / math.sqrt(len(vals)) if len(vals) > 1 else float("nan")
 
@@ -144,8 +154,9 @@ def summarize(results: dict, entropy: float, args: argparse.Namespace) -> tuple[
     lines = [f"Task {args.task}: exact entropy {entropy:.4f} nats/token; {args.steps} steps, batch {args.batch}, "
              f"{args.layers}L d{args.hidden}, lr {args.lr}, {len(ref_a)} seeds. Reference (better fixed order): "
              f"**{'A' if a_first else 'B'} first** ({statistics.mean(ref_a):.3f} vs {statistics.mean(ref_b):.3f}).", "",
-             "| variant | valid NELBO mean ± se | per seed | fwd gap (ref sign) | rev gap | orders following ref | pair agreement |",
-             "|---|---|---|---|---|---|---|"]
+             "| variant | valid NELBO mean ± se | per seed | fwd gap (ref sign) | rev gap | orders following ref "
+             "| pair agreement | grad SNR (2nd half) | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     summary = {"reference": "a_first" if a_first else "b_first", "entropy": entropy, "variants": {}}
     for name in results:
         nel = col(name, "nelbo")
@@ -155,10 +166,12 @@ def summarize(results: dict, entropy: float, args: argparse.Namespace) -> tuple[
         pair = [p if a_first else 1 - p for p in col(name, "a_first_pair_agreement")]
         fmt = (lambda v, f="{:+.3f}": ", ".join(f.format(x) for x in v) if v else "—")
         lines.append(f"| {name} | {statistics.mean(nel):.4f} ± {se(nel):.4f} | {fmt(nel, '{:.3f}')} | {fmt(gaps)} | "
-                     f"{fmt(rev)} | {fmt(share, '{:.2f}')} | {fmt(pair, '{:.2f}')} |")
+                     f"{fmt(rev)} | {fmt(share, '{:.2f}')} | {fmt(pair, '{:.2f}')} | {fmt(col(name, 'grad_snr'), '{:.3g}')} "
+                     f"| {statistics.median(col(name, 'tokens_per_s')):.0f} |")
         summary["variants"][name] = {"nelbo": nel, "fwd_gap": gaps, "rev_gap": rev, "share": share, "pair": pair}
     ctl = col("poly_k2", "nelbo")
     ref_best = ref_a if a_first else ref_b
+    best = statistics.mean(ref_best)
     summary["goal"] = {}
     for name in ("lomdm", "lomdm_hlr", "multivariate_hlr"):
         lo = col(name, "nelbo")
@@ -231,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = out / "runs" / f"{name}_s{seed}"
             ev = json.loads((run_dir / "eval.json").read_text())
             pr = json.loads((run_dir / "order_probe.json").read_text())
-            results.setdefault(name, []).append({"seed": seed, "nelbo": ev["nelbo"], **pr})
+            results.setdefault(name, []).append({"seed": seed, "nelbo": ev["nelbo"], **pr, **train_stats(run_dir)})
     entropy = data["ab"]["entropy_per_token_nats"]
     table, summary = summarize(results, entropy, args)
     elapsed = time.time() - t0
