@@ -41,3 +41,17 @@ def test_noise_is_uniform_and_uncorrelated() -> None:
     x, y = u[:, :, :-1].flatten(), u[:, :, 1:].flatten()
     assert abs(torch.corrcoef(torch.stack([x, y]))[0, 1].item()) < 0.01
     assert abs(torch.corrcoef(torch.stack([u[0].flatten(), u[1].flatten()]))[0, 1].item()) < 0.01
+
+
+def test_corruptions_are_independent_not_antithetic() -> None:
+    """RLOO's leave-one-out baseline is unbiased only if the K corruptions of a sequence are drawn
+    independently (method.md §5.8): complementary / antithetic masks (u_2 = 1 - u_1) would correlate
+    each sample's advantage with its own score. Pin independence of the K mask uniforms."""
+    u_KBL = mask_uniforms(seed=11, step=2, index_B=torch.arange(256), num_corruptions=4, seq_length=64).double()
+    n = u_KBL[0].numel()
+    for j in range(1, 4):
+        corr = torch.corrcoef(torch.stack([u_KBL[0].flatten(), u_KBL[j].flatten()]))[0, 1]
+        assert abs(float(corr)) < 4 / math.sqrt(n)  # antithetic pairs would give -1
+        for a in (0.2, 0.5, 0.8):  # joint law of two corruptions' mask events at rate a: a^2
+            both = float(((u_KBL[0] < a) & (u_KBL[j] < a)).double().mean())
+            assert abs(both - a * a) < 4 * math.sqrt(a * a * (1 - a * a) / n)
