@@ -1,13 +1,15 @@
 """Config loading: dataclass defaults < YAML (with `defaults:` inheritance) < CLI dotlist.
 
 Keys are strict: an unknown key is an error naming its full dotted path and the closest valid
-key. Values are type-checked against the schema (an int where a float is expected is accepted).
+key. Values are type-checked against the schema (an int where a float is expected is accepted);
+NaN and infinity are rejected everywhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -103,6 +105,18 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ValueError(f"config: {key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
+def _check_finite(key: str, value: Any) -> None:
+    """Reject NaN and +-inf anywhere in a value (inside lists and mappings too), naming the key."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"config: {key}: must be a finite number, got {value}")
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_finite(f"{key}[{i}]", item)
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _check_finite(f"{key}.{name}", item)
+
+
 def _build(cls: type, data: dict, prefix: str) -> Any:
     """Instantiate dataclass `cls` from a nested dict, strictly."""
     hints = typing.get_type_hints(cls)
@@ -122,6 +136,7 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
             kwargs[key] = _build(tp, value, f"{dotted}.")
         else:
             kwargs[key] = _coerce(dotted, value, tp)
+            _check_finite(dotted, kwargs[key])
     return cls(**kwargs)
 
 

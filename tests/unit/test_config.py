@@ -196,3 +196,37 @@ def test_multivariate_keys() -> None:
         load_config(None, ["diffusion.name=poly", "diffusion.c2=0", "diffusion.order_logits=[1.0]"])
     with pytest.raises(ValueError, match=r"diffusion\.learn_order: expected bool"):
         load_config(None, ["diffusion.name=multivariate", "diffusion.learn_order=3"])
+
+
+@pytest.mark.parametrize("override, key, shown", [
+    ("train.lr=inf", "train.lr", "inf"),
+    ("train.lr=nan", "train.lr", "nan"),
+    ("train.lr=.inf", "train.lr", "inf"),
+    ("optim.beta1=-inf", "optim.beta1", "-inf"),
+    ("diffusion.c1=.nan", "diffusion.c1", "nan"),
+    ("model.dropout=1e999", "model.dropout", "inf"),
+])
+def test_non_finite_numbers_are_rejected_naming_the_key(override: str, key: str, shown: str) -> None:
+    with pytest.raises(ValueError, match=rf"^config: {key.replace('.', r'[.]')}: must be a finite number, got {shown}$"):
+        load_config(ROOT / "configs/experiments/tiny_cpu.yaml", [override])
+
+
+def test_non_finite_numbers_in_yaml_and_lists_are_rejected(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  head_lr: .inf\n")
+    with pytest.raises(ValueError, match=r"config: optim\.head_lr: must be a finite number, got inf"):
+        load_config(bad)
+    with pytest.raises(ValueError, match=r"config: diffusion\.order_logits\[1\]: must be a finite number, got nan"):
+        load_config(None, ["diffusion.name=multivariate", "model.seq_length=2", "diffusion.order_logits=[1, .nan]"])
+    with pytest.raises(ValueError, match=r"config: data\.train\[0\]\.weight: must be a finite number, got inf"):
+        config_from_dict({"data": {"train": [{"source": "a", "weight": float("inf")}]}})
+
+
+def test_cli_non_finite_override_exits_2() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "megatron_lomdm.train", "--config", "configs/experiments/tiny_cpu.yaml",
+         "--print-config", "train.lr=inf"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == "lomdm-train: config: train.lr: must be a finite number, got inf"
