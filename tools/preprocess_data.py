@@ -17,6 +17,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -146,7 +147,22 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"preprocess_data.py: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        message = os_error_message(err, args.output_dir)
+        print(f"preprocess_data.py: error: {message}", file=sys.stderr)
+        return 2
     return 0
+
+
+def os_error_message(err: OSError, output_dir: str) -> str:
+    """One line naming the path of a failed read or write (the output folder when unknown)."""
+    name = errno.errorcode.get(err.errno or 0, "")
+    hint = ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        hint = " (the file system is full, or a quota or file-size limit was hit)"
+    reason = err.strerror or str(err)
+    code = f" [{name}]" if name else ""
+    return f"{err.filename or output_dir}: {reason}{code}{hint}; nothing was published"
 
 
 if __name__ == "__main__":

@@ -27,7 +27,10 @@ the resume position are identical for a local folder and for its copy behind a U
 this rank will need next (in its order of first use) are prefetched in the background. A shard
 that stays unavailable after ``retries`` stops the iteration with ``ShardUnavailableError`` naming
 it, or, with ``skip_bad_shards``, gives empty rows (``valid`` all False) and is counted in
-``stats()``.
+``stats()``. A local shard is checked against the manifest (size at every open, sha256 at the first
+open in a process) and every row read is validated (length, token ids, padding): a bad one raises
+``ShardDataError`` naming the shard and the row, or is skipped likewise. When every shard has been
+skipped, or a whole epoch gave this rank no token, the loader raises ``NoDataError``.
 
 Each micro-batch is a dict (shapes: B = micro_batch_size, L = seq_length)::
 
@@ -51,8 +54,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_lomdm.data.shards import Manifest, ShardFile, check_tokenizer_compat, read_manifest
-from megatron_lomdm.data.sources import ShardSource, ShardStore, SourceOptions, open_source
+from megatron_lomdm.data.shards import (
+    Manifest,
+    ShardDataError,
+    ShardFile,
+    check_tokenizer_compat,
+    read_manifest,
+)
+from megatron_lomdm.data.sources import (
+    NoDataError,
+    ShardSource,
+    ShardStore,
+    SourceOptions,
+    open_source,
+)
 
 __all__ = ["ShardLoader", "SourceOptions", "check_tokenizer_compat", "read_manifest"]
 
@@ -126,6 +141,9 @@ class ShardLoader:
         ValueError: inconsistent batch sizes or ranks, or a split smaller than one global batch.
         ShardUnavailableError: (while iterating) a shard unreadable after all retries, unless
             ``source_options.skip_bad_shards``.
+        ShardDataError: (while iterating) a shard or row that disagrees with the manifest, unless
+            ``source_options.skip_bad_shards``.
+        NoDataError: (while iterating) every shard skipped, or an epoch without a token.
     """
 
     def __init__(
@@ -171,6 +189,7 @@ class ShardLoader:
         self.pad_id = int(self.manifest.tokenizer["pad_id"])
         shards = self.source.shards
         self._store = ShardStore(self.source, self.source_options)
+        self._store.check_local_sizes()
         self._shard_rows = np.array([s["num_samples"] for s in shards], dtype=np.int64)
         self._shard_start = np.concatenate([[0], np.cumsum(self._shard_rows)]).astype(np.int64)
         self.num_samples = int(self._shard_start[-1])
@@ -191,8 +210,12 @@ class ShardLoader:
         self._global_batch = 0
         self._micro_batch = 0
         self._skipped_samples = 0
+        self._read_any = False  # a row of a good shard was read by this process
+        # (epoch, read from its start by this process, real tokens read, rows read (no filler))
+        self._epoch_tokens: tuple[int, bool, int, int] | None = None
         self._first_use: tuple[int, np.ndarray, np.ndarray] | None = None
         self._prefetched_upto: tuple[int, int] = (-1, -1)
+        self._check_not_all_skipped()
 
     # ---- the order ---------------------------------------------------------------------------
 
@@ -254,13 +277,55 @@ class ShardLoader:
         for shard in np.unique(shard_of).tolist():
             rows = real[shard_of == shard]
             reader = self._shard(shard)
+            if reader is not None:
+                try:
+                    got, got_lengths = reader.read(indices[rows] - self._shard_start[shard])
+                except ShardDataError as err:
+                    if not self.source_options.skip_bad_shards:
+                        raise
+                    self._files.pop(shard).close()
+                    self._store.skip(shard, str(err))
+                    reader = None
             if reader is None:
                 self._skipped_samples += len(rows)
+                if not self._read_any:
+                    self._store.verify_until_good()
+                self._check_not_all_skipped()
                 continue
-            got, got_lengths = reader.read(indices[rows] - self._shard_start[shard])
+            self._read_any = True
             tokens[rows] = got
             lengths[rows] = got_lengths
         return tokens, lengths
+
+    def _check_not_all_skipped(self) -> None:
+        if len(self._store.bad) < len(self.source.shards):
+            return
+        first = next(iter(self._store.bad.values()))
+        raise NoDataError(
+            f"split {self.split!r} of {self.source.spec.text}: all {len(self.source.shards)} "
+            f"shard(s) were skipped (data.skip_bad_shards=true), nothing is left to train on; "
+            f"the first error: {first}"
+        )
+
+    def _count_epoch_tokens(
+        self, epoch: int, global_batch: int, micro_batch: int, tokens: int, rows: int
+    ) -> None:
+        """Stop when the rows (not filler) of an epoch this process read from its start gave
+        this rank no token."""
+        seen = self._epoch_tokens
+        if seen is None or seen[0] != epoch:
+            if seen is not None and seen[1] and seen[3] and not seen[2]:
+                self._raise_empty_epoch(seen[0])
+            starts = global_batch % self.batches_per_epoch == 0 and micro_batch == 0
+            seen = (epoch, starts, 0, 0)
+        self._epoch_tokens = (epoch, seen[1], seen[2] + tokens, seen[3] + rows)
+
+    def _raise_empty_epoch(self, epoch: int) -> None:
+        skipped = ", ".join(sorted(self.skipped_shards)) or "none"
+        raise NoDataError(
+            f"split {self.split!r} of {self.source.spec.text}: epoch {epoch} gave data-parallel "
+            f"rank {self.dp_rank} no token (skipped shards: {skipped}); nothing to train on"
+        )
 
     # ---- iteration ---------------------------------------------------------------------------
 
@@ -271,12 +336,17 @@ class ShardLoader:
         g, m = self._global_batch, self._micro_batch
         epoch = g // self.batches_per_epoch
         if self.num_epochs is not None and epoch >= self.num_epochs:
+            self._count_epoch_tokens(epoch, g, m, 0, 0)
             raise StopIteration
         if m == 0 and self.source.remote:
             self._prefetch(g)
         first = self.dp_rank * self.rows_per_rank + m * self.micro_batch_size
         positions = np.arange(first, first + self.micro_batch_size, dtype=np.int64)
-        tokens, lengths = self.read_samples(self.global_batch_indices(g)[positions])
+        indices = self.global_batch_indices(g)[positions]
+        tokens, lengths = self.read_samples(indices)
+        num_tokens = int(lengths.sum())
+        rows = 1 if num_tokens else int(np.count_nonzero(indices >= 0))  # only 0 vs > 0 matters
+        self._count_epoch_tokens(epoch, g, m, num_tokens, rows)
         valid = np.arange(self.seq_length)[None, :] < lengths[:, None]
         self._micro_batch = m + 1
         if self._micro_batch == self.num_micro_batches:

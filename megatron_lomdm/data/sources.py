@@ -34,13 +34,18 @@ is why the global sample order, the data-parallel split and the resume position 
 every kind of source. Upcoming shards (in this rank's order of first use) are prefetched in
 background threads; ``cache_max_gb`` bounds the cache by evicting the least recently used shards.
 
-Failures. Every attempt that fails (a ``pipe:`` command exiting non-zero or stalling for
-``timeout_s``, an HTTP error, a short or corrupt download, an unreadable local shard) is retried
-``retries`` times with exponential back-off; then the run stops with ``ShardUnavailableError``
-naming the shard and its location. With ``skip_bad_shards`` the shard is skipped instead: its
-rows become empty rows (``valid`` all False, no loss), it is counted and logged (on every rank),
-and a ``NAME.bad`` marker in the cache makes every process sharing the cache agree on the skip.
-Nothing is ever skipped silently.
+Failures. Every fetch attempt that fails (a ``pipe:`` command exiting non-zero or stalling for
+``timeout_s``, an HTTP error, a short or corrupt download) is retried ``retries`` times with
+exponential back-off; then the run stops with ``ShardUnavailableError`` naming the shard and its
+location. Local shards are not retried: their size is checked at every open and their sha256 at
+the first open in each process (``shards.verify_shard_file``); a missing, truncated or corrupt one
+stops the run at once with ``ShardDataError`` naming the shard and the manifest's size and digest.
+Every row read is checked too (lengths, token ids below the manifest's ``vocab_size``, padding;
+``shards.ShardFile``). With ``skip_bad_shards`` a bad shard is skipped instead: its rows become
+empty rows (``valid`` all False, no loss), it is counted and logged (on every rank), and a
+``NAME.bad`` marker in the cache makes every process sharing the cache agree on the skip. Nothing
+is ever skipped silently, and a loader that has skipped every shard of a source, or read a whole
+epoch without a token, stops with ``NoDataError`` instead of training on nothing.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ import os
 import queue
 import re
 import select
+import shlex
 import socket
 import subprocess
 import tempfile
@@ -72,15 +78,19 @@ import numpy as np
 from megatron_lomdm.data.shards import (
     MANIFEST_NAME,
     Manifest,
+    ShardDataError,
     ShardFile,
     parse_manifest,
     read_manifest,
+    verify_shard_file,
 )
 from megatron_lomdm.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
 __all__ = [
+    "NoDataError",
+    "ShardDataError",
     "ShardSource",
     "ShardStore",
     "ShardUnavailableError",
@@ -108,6 +118,10 @@ T = TypeVar("T")
 
 class ShardUnavailableError(RuntimeError):
     """A shard (or a manifest) could not be read after all retries; the message names it."""
+
+
+class NoDataError(ValueError):
+    """Every shard of a source was skipped (``skip_bad_shards``), or an epoch gave no token."""
 
 
 class _FetchError(Exception):
@@ -197,8 +211,12 @@ class SourceSpec:
         return self.kind != "local"
 
     def location(self, name: str) -> str:
-        """Where the shard (or file) ``name`` of this source lives."""
-        return f"{self.prefix}{name}{self.suffix}"
+        """Where the shard (or file) ``name`` of this source lives.
+
+        In a ``pipe:`` command the name is one shell-quoted word; the rest of the command is the
+        user's own and keeps its shell syntax.
+        """
+        return f"{self.prefix}{shlex.quote(name) if self.kind == 'pipe' else name}{self.suffix}"
 
 
 _COLLAPSED_URL = re.compile(r"(?<![A-Za-z0-9+.-])(s3|gs|gcs|az|abfss?|hf|https?):/(?!/)")
@@ -738,16 +756,12 @@ class ShardStore:
         """
         if index in self.bad:
             return None
-        expected = int(self.source.shards[index]["num_samples"])
         try:
             if not self.source.remote:
-                path = self.source.locations[index]
-                return self._retry(
-                    index, lambda: self._open_local(Path(path), dtype, seq_length, expected)
-                )
+                return self._open_local(index, dtype, seq_length)
             path = self._local_copy(index)
             try:
-                return ShardFile(path, dtype=dtype, seq_length=seq_length, expected_rows=expected)
+                return self._shard_file(index, path, dtype, seq_length)
             except (OSError, ValueError) as err:  # evicted by another process meanwhile, or bad
                 logger.warning(
                     "%s: reopening the cached copy failed (%s); fetching it again",
@@ -757,12 +771,46 @@ class ShardStore:
                 with contextlib.suppress(OSError):
                     path.unlink()
                 path = self._fetch(index)
-                return ShardFile(path, dtype=dtype, seq_length=seq_length, expected_rows=expected)
-        except ShardUnavailableError as err:
+                return self._shard_file(index, path, dtype, seq_length)
+        except (ShardUnavailableError, ShardDataError) as err:
             if not self.options.skip_bad_shards:
                 raise
-            self._skip(index, str(err))
+            self.skip(index, str(err))
             return None
+
+    def check_local_sizes(self) -> None:
+        """Local sources: check every shard's size now (a ``stat`` each), so that a missing or
+        truncated shard stops the run (or is skipped) before the first step."""
+        if self.source.remote:
+            return
+        manifest = self.source.manifest.location
+        pairs = zip(self.source.shards, self.source.locations, strict=True)
+        for index, (entry, path) in enumerate(pairs):
+            try:
+                verify_shard_file(Path(path), entry, manifest, digest=False)
+            except ShardDataError as err:
+                if not self.options.skip_bad_shards:
+                    raise
+                self.skip(index, str(err))
+
+    def verify_until_good(self) -> None:
+        """Local sources: verify (sha256) the shards not yet skipped, in order, until one is good,
+        skipping the bad ones. Called when nothing good has been read yet, so that a source whose
+        every shard is bad is found out at once (not one shard at a time while training on empty
+        rows); when the data is fine it costs the digest of about one shard, due anyway."""
+        if self.source.remote:
+            return
+        for index, path in enumerate(self.source.locations):
+            if index in self.bad:
+                continue
+            try:
+                entry = self.source.shards[index]
+                verify_shard_file(Path(path), entry, self.source.manifest.location)
+                return
+            except ShardDataError as err:
+                if not self.options.skip_bad_shards:
+                    raise
+                self.skip(index, str(err))
 
     def prefetch(self, indices: Sequence[int]) -> None:
         """Start downloading these shards in the background (remote sources; no-op otherwise)."""
@@ -799,11 +847,27 @@ class ShardStore:
 
     # ---- local ---------------------------------------------------------------------------------
 
-    def _open_local(self, path: Path, dtype: np.dtype, seq_length: int, expected: int) -> ShardFile:
+    def _open_local(self, index: int, dtype: np.dtype, seq_length: int) -> ShardFile:
+        """Verify (size; sha256 once per process) and open a local shard; no retries: a local
+        file that is wrong now stays wrong."""
+        path = Path(self.source.locations[index])
+        verify_shard_file(path, self.source.shards[index], self.source.manifest.location)
         try:
-            return ShardFile(path, dtype=dtype, seq_length=seq_length, expected_rows=expected)
-        except (OSError, ValueError) as err:
-            raise _FetchError(f"{type(err).__name__}: {err}") from err
+            return self._shard_file(index, path, dtype, seq_length)
+        except OSError as err:
+            raise ShardDataError(f"shard {path}: cannot be read ({err})") from err
+
+    def _shard_file(self, index: int, path: Path, dtype: np.dtype, seq_length: int) -> ShardFile:
+        shard, tokenizer = self.source.shards[index], self.source.manifest.tokenizer
+        return ShardFile(
+            path,
+            dtype=dtype,
+            seq_length=seq_length,
+            expected_rows=int(shard["num_samples"]),
+            expected_tokens=shard.get("num_tokens"),
+            vocab_size=tokenizer.get("vocab_size"),
+            pad_id=tokenizer.get("pad_id"),
+        )
 
     def _retry(self, index: int, attempt: Callable[[], T]) -> T:
         def counted() -> T:
@@ -979,7 +1043,8 @@ class ShardStore:
             tmp.write_text(error, encoding="utf-8")
             os.replace(tmp, marker)
 
-    def _skip(self, index: int, error: str) -> None:
+    def skip(self, index: int, error: str) -> None:
+        """Mark shard ``index`` bad (``skip_bad_shards``): logged once, its rows become empty."""
         with self._lock:
             first = index not in self.bad
             self.bad[index] = error

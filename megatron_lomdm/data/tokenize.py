@@ -41,6 +41,7 @@ import io
 import json
 import lzma
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -518,17 +519,19 @@ def load_tokenizer(name_or_path: str | Path) -> tuple[Any, TokenizerInfo]:
     specials: dict[str, str | None] = {}
     files: list[Path] = []
     if path.is_file():
-        tok, kind, files = Tokenizer.from_file(str(path)), "tokenizer.json", [path]
+        tok, kind, files = _tokenizer_from_file(path), "tokenizer.json", [path]
         specials = _read_special_tokens(path.parent)
         files += [path.parent / n for n in ("tokenizer_config.json", "special_tokens_map.json")]
     elif path.is_dir() and (path / "tokenizer.json").is_file():
-        tok, kind = Tokenizer.from_file(str(path / "tokenizer.json")), "tokenizer.json"
+        tok, kind = _tokenizer_from_file(path / "tokenizer.json"), "tokenizer.json"
         specials = _read_special_tokens(path)
         files = [path / n for n in _TOKENIZER_FILES]
     elif path.is_dir() and (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
         tok, kind = _gpt2_style_bpe(path), "gpt2-bpe-files"
         specials = _read_special_tokens(path)
         files = [path / n for n in _TOKENIZER_FILES]
+    elif not path.exists() and _looks_like_path(str(name_or_path)):
+        raise ValueError(f"tokenizer {name_or_path}: no such file or folder")
     else:
         tok, specials, kind = _load_with_transformers(str(name_or_path), local=path.is_dir())
         files = [path / n for n in _TOKENIZER_FILES] if path.is_dir() else []
@@ -539,6 +542,30 @@ def load_tokenizer(name_or_path: str | Path) -> tuple[Any, TokenizerInfo]:
     info = _make_info(tok, specials, ident, kind, files_sha)
     tok.encode_special_tokens = True
     return tok, info
+
+
+def _tokenizer_from_file(path: Path) -> Any:
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # noqa: BLE001 - the Rust parser raises a bare Exception
+        raise ValueError(f"{path}: not a valid tokenizer.json ({_one_line(err)})") from err
+
+
+def _looks_like_path(name: str) -> bool:
+    """Not an HF hub id (``name`` or ``namespace/name``): absolute, ``./``, deeper, or a file."""
+    return (
+        os.path.isabs(name)
+        or name.startswith(("./", "../", "~"))
+        or name.count("/") > 1
+        or name.endswith((".json", ".txt", ".model"))
+    )
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _make_info(
@@ -592,7 +619,12 @@ def _read_special_tokens(folder: Path) -> dict[str, str | None]:
         file = folder / name
         if not file.is_file():
             continue
-        data = json.loads(file.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{file}: not valid JSON ({err})") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
         for role, fallback in (("bos", "cls"), ("eos", "sep"), ("pad", None), ("mask", None)):
             value = data.get(f"{role}_token", data.get(f"{fallback}_token") if fallback else None)
             if isinstance(value, dict):
@@ -617,7 +649,8 @@ def _load_with_transformers(name: str, *, local: bool) -> tuple[Any, dict[str, s
 
         hf = AutoTokenizer.from_pretrained(name, local_files_only=local)
     except Exception as err:  # noqa: BLE001 - any loading failure is a user error here
-        raise ValueError(f"cannot load tokenizer {name!r}: {err}") from err
+        what = "the folder holds no loadable tokenizer" if local else "not a local path; the hub"
+        raise ValueError(f"tokenizer {name}: {what}: {_one_line(err)}") from err
     if not getattr(hf, "is_fast", False):
         raise ValueError(f"tokenizer {name!r} is not a fast (Rust) tokenizer; convert it first")
     specials = {
@@ -771,12 +804,21 @@ class EncodedBatch:
     rejected: list[tuple[int, str, str]]
 
 
+#: Documents longer than this (characters) are tokenized in chunks of at most this size, so
+#: the tokenizer's working memory stays bounded (see ``DocumentEncoder._encode_long``).
+DOCUMENT_CHUNK_CHARS = 1 << 18
+_CUT_AT_SPACE = re.compile(r"(?<=\S)(?= \S)")
+_CUT_TRIES = 16  # candidate cuts checked per chunk
+_CUT_CONTEXT = 256  # characters on each side of a cut whose ids are compared
+
+
 class DocumentEncoder:
     """Decode records, tokenize them and assign each document to the train or valid split.
 
     The split is decided by a seeded hash of the document text, so it does not depend on the
     worker count, the batch size or the order of the inputs, and duplicated documents always
-    land in the same split.
+    land in the same split. Documents over ``chunk_chars`` characters are tokenized in chunks
+    cut where the ids do not change, so memory stays bounded for any document size.
     """
 
     def __init__(
@@ -787,9 +829,11 @@ class DocumentEncoder:
         valid_fraction: float,
         seed: int,
         detokenizer: str | None = None,
+        chunk_chars: int = DOCUMENT_CHUNK_CHARS,
     ) -> None:
         from tokenizers import Tokenizer
 
+        self.chunk_chars = chunk_chars
         if detokenizer is not None and detokenizer not in DETOKENIZERS:
             raise ValueError(
                 f"detokenizer must be one of {sorted(DETOKENIZERS)}, got {detokenizer!r}"
@@ -802,6 +846,54 @@ class DocumentEncoder:
         self.valid_fraction = valid_fraction
         self.hash_key = hashlib.sha256(f"split-seed:{seed}".encode()).digest()[:32]
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def _ids(self, texts: list[str]) -> list[np.ndarray]:
+        encodings = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        return [np.asarray(enc.ids, dtype=np.int32) for enc in encodings]
+
+    def _encode_texts(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids of each text; texts over ``chunk_chars`` are encoded in chunks."""
+        short = [i for i, text in enumerate(texts) if len(text) <= self.chunk_chars]
+        out: list[np.ndarray | None] = [None] * len(texts)
+        if short:
+            for i, ids in zip(short, self._ids([texts[i] for i in short]), strict=True):
+                out[i] = ids
+        return [self._encode_long(texts[i]) if ids is None else ids for i, ids in enumerate(out)]
+
+    def _encode_long(self, text: str) -> np.ndarray:
+        """Encode a long text chunk by chunk, cutting where the ids do not change.
+
+        The tokenizer's working memory grows with its input (about 150 bytes per character for a
+        byte-level BPE), so one huge document is encoded in pieces of at most ``chunk_chars``
+        characters. A cut is a single space between two non-spaces (or, without one, any
+        position) where the ids of the text around it equal those of its two sides; without such
+        a cut the rest is encoded whole (the same ids, unbounded memory).
+        """
+        pieces, start = [], 0
+        while len(text) - start > self.chunk_chars:
+            cut = self._find_cut(text, start)
+            if cut is None:
+                logger.warning(
+                    "a %d-character document has no safe cut near character %d: tokenizing "
+                    "the rest of it whole",
+                    len(text),
+                    start + self.chunk_chars,
+                )
+                break
+            pieces += self._ids([text[start:cut]])
+            start = cut
+        pieces += self._ids([text[start:]])
+        return np.concatenate(pieces)
+
+    def _find_cut(self, text: str, start: int) -> int | None:
+        lo, hi = start + self.chunk_chars // 2, start + self.chunk_chars
+        spaces = [m.start() for m in _CUT_AT_SPACE.finditer(text, lo, hi)][-_CUT_TRIES:]
+        for cut in [*reversed(spaces), *range(hi, hi - _CUT_TRIES, -1)]:
+            left, right = text[max(cut - _CUT_CONTEXT, 0) : cut], text[cut : cut + _CUT_CONTEXT]
+            both, a, b = self._ids([left + right, left, right])
+            if np.array_equal(both, np.concatenate([a, b])):
+                return cut
+        return None
 
     def in_valid(self, text: str) -> bool:
         """Whether the seeded document hash sends ``text`` to the valid split."""
@@ -842,10 +934,7 @@ class DocumentEncoder:
                 texts.append(text)
             except BadRecord as bad:
                 rejected.append((line + bad.line_offset, bad.reason, bad.detail))
-        encodings = (
-            self.tokenizer.encode_batch_fast(texts, add_special_tokens=False) if texts else []
-        )
-        pieces = [np.asarray(enc.ids, dtype=np.int32) for enc in encodings]
+        pieces = self._encode_texts(texts)
         ids = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
         if ids.size and int(ids.max()) >= self.vocab_size:
             raise RuntimeError(
