@@ -340,6 +340,10 @@ class DiffusionFamily(nn.Module):
 
         Returns:
             Bool mask, (K, B, L); True = [MASK]. It carries no gradient.
+
+            A NaN probability masks its position (``uniform < NaN`` would be False: nothing masked
+            and a NELBO of 0 from NaN weights), so the NaN reaches the loss, where the step is
+            skipped or the evaluation reads NaN; this costs no host sync.
         """
         if uniform_KBL.shape[1:] != sched.log_mask_prob_BL.shape:
             raise ValueError(
@@ -348,7 +352,7 @@ class DiffusionFamily(nn.Module):
             )
         # stop-grad: mask draws are discrete; the scheduler gradient comes from log q.
         mask_prob_BL = torch.exp(sched.log_mask_prob_BL.detach())
-        return uniform_KBL.to(mask_prob_BL.dtype) < mask_prob_BL.unsqueeze(0)
+        return ~(uniform_KBL.to(mask_prob_BL.dtype) >= mask_prob_BL.unsqueeze(0))
 
     def log_q(
         self, sched: ForwardSchedule, mask_KBL: Tensor, valid_BL: Tensor | None = None

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from megatron_lomdm.checkpoint import hf_export
 
@@ -403,3 +403,19 @@ def test_cli_rejects_bad_arguments(tmp_path: Path) -> None:
         convert_to_hf.parse_args(["--run-dir", "x", "--output", "y", "--from-hf", "z"])
     assert convert_to_hf.main(["--run-dir", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
+
+
+def test_import_refuses_non_finite_weights(tp1_export: tuple[Path, dict], tiny_shards: Path,
+                                           tmp_path: Path, hf_home: Path) -> None:
+    """An export with inf/NaN weights is not imported: exit 2, one line naming the folder and tensor."""
+    export = Path(shutil.copytree(tp1_export[0], tmp_path / "bad_export"))
+    weights = load_file(str(export / "model.safetensors"))
+    weights["lm_head.weight"][0, :3] = float("inf")
+    save_file(weights, str(export / "model.safetensors"), metadata={"format": "pt"})
+    out = subprocess.run([sys.executable, "tools/convert_to_hf.py", "--from-hf", str(export), "--to-run-dir",
+                          str(tmp_path / "imported"), f"data.train={tiny_shards}"], cwd=ROOT, env=_env(hf_home),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert f"HF folder {export}: weight 'lm_head.weight' has 3 non-finite values" in line, line
+    assert not (tmp_path / "imported" / "checkpoints").exists()
