@@ -2,7 +2,8 @@
 
 Loads the config (defaults < YAML < CLI), then hands it to the training loop. Re-running the
 same command with the same `run.dir` resumes from its latest checkpoint. Exit codes: 0 done,
-2 bad config or input, 3 preempted after saving a checkpoint (the launcher should requeue).
+2 bad config or input (also: no loadable checkpoint, a refused checkpoint, the run directory in
+use by another trainer, disk full while saving), 3 preempted after saving a checkpoint (the launcher should requeue).
 """
 
 from __future__ import annotations

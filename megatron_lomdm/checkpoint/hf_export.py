@@ -70,6 +70,9 @@ from typing import Any
 
 import torch
 
+from megatron_lomdm.checkpoint.manager import CheckpointManager
+from megatron_lomdm.checkpoint.safe_load import check_checkpoint_folder, load_torch_file
+from megatron_lomdm.utils.finite import check_finite
 from megatron_lomdm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -375,14 +378,9 @@ def checkpoint_folder(run_dir: str | Path, step: int | None = None) -> tuple[Pat
     """``run_dir/checkpoints/step_XXXXXXX`` of ``step`` or of the ``latest`` pointer."""
     root = Path(run_dir) / "checkpoints"
     if step is None:
-        pointer = root / "latest"
-        if not pointer.is_file():
-            raise ValueError(f"{root} has no 'latest' checkpoint; train first or pass --checkpoint")
-        name = pointer.read_text().strip()
-        match = re.fullmatch(r"step_(\d{7,})", name)
-        if match is None:
-            raise ValueError(f"{pointer} names {name!r}, not a checkpoint folder")
-        step = int(match.group(1))
+        step = CheckpointManager.reader(root).latest_step()  # `latest`, or the newest complete checkpoint
+        if step is None:
+            raise ValueError(f"{root} has no complete checkpoint; train first or pass --checkpoint")
     folder = root / f"step_{step:07d}"
     if not (folder / "meta.pt").is_file():
         available = sorted(p.name for p in root.glob("step_*") if (p / "meta.pt").is_file())
@@ -406,7 +404,7 @@ def _read_rank_files(folder: Path, tp: int, pp: int) -> dict[tuple[int, int], di
             path = folder / f"rank_{t:03d}_{p:03d}.pt"
             if not path.is_file():
                 raise ValueError(f"{path} is missing (checkpoint written with tp={tp}, pp={pp})")
-            shards[(t, p)] = torch.load(path, map_location="cpu", weights_only=True)
+            shards[(t, p)] = load_torch_file(path)
     return shards
 
 
@@ -427,6 +425,7 @@ def live_weights_from_dist(cfg: Any, folder: Path) -> StateDict:
     with native_session(cfg.train.seed):
         model = build_native_tp1(cfg, None)
         sharded = model.sharded_state_dict(metadata=MegatronEngine.SHARDING)
+        check_checkpoint_folder(dist_dir)
         state = dist_checkpointing.load(sharded, str(dist_dir))
         missing = [k for k in model.load_state_dict(state, strict=False).missing_keys
                    if canonical_native_key(k) is not None]
@@ -447,7 +446,7 @@ def load_native_checkpoint(run_dir: str | Path, step: int | None = None, *,
             else the ``dist/`` part, resharded by megatron).
     """
     folder, step = checkpoint_folder(run_dir, step)
-    meta = torch.load(folder / "meta.pt", weights_only=True)
+    meta = load_torch_file(folder / "meta.pt")
     tp, pp = int(meta["tp"]), int(meta["pp"])
     shards = _read_rank_files(folder, tp, pp)
     no_ema = not any(shard.get("ema", {}).get("shadow") for shard in shards.values())
@@ -464,6 +463,7 @@ def load_native_checkpoint(run_dir: str | Path, step: int | None = None, *,
         from megatron_lomdm.config import load_config
 
         full = live_weights_from_dist(load_config(Path(run_dir) / "config.yaml"), folder)
+    check_finite(full.items(), source=f"checkpoint {folder}", kind="ema weight" if ema else "model weight")
     return NativeCheckpoint(state_dict=full, step=step, folder=folder, tp=tp, pp=pp, ema=ema)
 
 
@@ -1044,7 +1044,9 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, overrides: Sequence[str] 
         read_manifest(cfg.data.train)
     except ValueError as err:
         raise ValueError(f"data.train={cfg.data.train}: {err}") from err
-    full = hf_to_native(load_hf_state_dict(hf_dir))
+    hf_sd = load_hf_state_dict(hf_dir)
+    check_finite(hf_sd.items(), source=f"HF folder {hf_dir}", kind="weight")
+    full = hf_to_native(hf_sd)
     run = build_run(replace(cfg, tracking={"enabled": False}))
     try:
         _load_into_run(run, full, cfg.model.vocab_size)

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,6 +73,7 @@ from megatron.core import parallel_state
 from torch import nn
 
 from megatron_lomdm.config import Config
+from megatron_lomdm.distributed.init import launch_env_from
 from megatron_lomdm.distributed.wrap import decays, is_head_param
 from megatron_lomdm.training.step import forward_step
 from megatron_lomdm.utils.logging import get_logger
@@ -263,6 +265,8 @@ class DeepSpeedEngine:
         if stage == 3:  # the family's parameters are used in DiffusionLM.forward, not in family.forward
             for p in model.family.parameters():
                 deepspeed.zero.register_external_parameter(step_module, p)
+        # DeepSpeed asserts LOCAL_RANK, which only torchrun sets; a plain or Slurm launch has its own.
+        os.environ.setdefault("LOCAL_RANK", str(launch_env_from(os.environ).local_rank))
         self.ds, _, _, _ = deepspeed.initialize(model=step_module, optimizer=optimizer, config=config,
                                                 mpu=self._mpu, dist_init_required=False)
         self._pending = False  # a training forward_backward whose gradients no step() consumed yet

@@ -18,6 +18,7 @@ Supported layouts (anything else raises ValueError before work starts):
 from __future__ import annotations
 
 import math
+import queue
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +28,7 @@ from torch import nn
 
 from megatron_lomdm.config import Config
 from megatron_lomdm.utils.logging import get_logger
+from megatron_lomdm.utils.proc import forks_die_with_parent
 
 log = get_logger(__name__)
 HEAD_PREFIXES = ("fwd_head.", "rev_head.", "family.")
@@ -193,7 +195,9 @@ class MegatronEngine:
 
         folder.mkdir(parents=True, exist_ok=True)
         with_optimizer = self._optimizer_has_state()
-        dist_checkpointing.save(self._sharded(is_loading=False, with_optimizer=with_optimizer), str(folder))
+        _write_results_in_process()
+        with forks_die_with_parent():  # its forked writers must not outlive a killed trainer
+            dist_checkpointing.save(self._sharded(is_loading=False, with_optimizer=with_optimizer), str(folder))
         if not with_optimizer and torch.distributed.get_rank() == 0:
             (folder / "NO_OPTIMIZER_STATE").touch()
 
@@ -206,6 +210,16 @@ class MegatronEngine:
         if with_optimizer:
             with torch.no_grad():  # mcore: loading optimizer state in place needs no autograd
                 self.optimizer.load_state_dict(state["optimizer"])
+
+
+def _write_results_in_process() -> None:
+    """megatron hands its writer workers' results to the saver through a queue served by a spawned
+    manager process, which outlives a killed trainer (and takes seconds to start). Our saves are
+    synchronous, so that queue's producer and consumer are this process: a plain queue serves."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def build_engine(model: nn.Module, cfg: Config) -> Engine:

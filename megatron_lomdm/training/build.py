@@ -8,13 +8,14 @@ import dataclasses
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from megatron.core import parallel_state
 
-from megatron_lomdm.checkpoint.manager import CheckpointManager
-from megatron_lomdm.config import Config, save_config, validate_for_world
+from megatron_lomdm.checkpoint.manager import CheckpointManager, LayoutMismatch
+from megatron_lomdm.checkpoint.safe_load import check_checkpoint_folder
+from megatron_lomdm.config import Config, load_config, save_config, validate_for_world
 from megatron_lomdm.config.load import config_to_dict, replace
 from megatron_lomdm.data.blend import BlendLoader, build_train_loader, data_manifest, source_options, valid_source
 from megatron_lomdm.data.loader import ShardLoader
@@ -33,7 +34,9 @@ from megatron_lomdm.training.ppots import PPOTSEstimator, build_ppots
 from megatron_lomdm.training.preemption import PreemptionFlag
 from megatron_lomdm.training.step import reduce_reports
 from megatron_lomdm.utils.flops import Shape, peak_flops_of_device, step_flops
+from megatron_lomdm.utils.finite import NonFiniteWeightsError, check_finite
 from megatron_lomdm.utils.logging import get_logger
+from megatron_lomdm.utils.run_lock import RunDirInUse, lock_run_dir
 
 log = get_logger(__name__)
 MAX_BAD_STEPS = 5
@@ -141,6 +144,7 @@ class Run:
     state: TrainState = field(default_factory=TrainState)
     max_bad_steps: int = MAX_BAD_STEPS
     ppots: PPOTSEstimator | None = None  # diffusion.time_sampler=ppots: loss statistics and proposal
+    lock: IO[str] | None = None  # rank 0 of a trainer: run.dir/train.lock, held until close
 
     def __post_init__(self) -> None:
         self.device = self.info.device
@@ -208,10 +212,16 @@ class Run:
             **({"ppots": self.ppots.state_dict()} if self.ppots is not None else {}),
         }
 
-    def load_checkpoint(self, step: int) -> None:
-        """Restore everything from checkpoint `step` (collective)."""
-        self.engine.load_sharded(self.ckpt.folder(step) / "dist")
-        sd = self.ckpt.load(step)
+    def load_checkpoint(self, step: int, sd: dict[str, Any] | None = None) -> None:
+        """Restore everything from checkpoint `step` (collective); non-finite weights are an error."""
+        check_checkpoint_folder(self.ckpt.folder(step))  # before any library unpickles its files
+        try:
+            self.engine.load_sharded(self.ckpt.folder(step) / "dist")
+        except KeyError as err:  # megatron: "<key> from model not in state dict: [<every key>]"
+            key = str(err.args[0] if err.args else err).split(" from model not in state dict")[0]
+            raise ValueError(f"checkpoint {self.ckpt.folder(step)} does not match the model of this config: it "
+                             f"has no {key} (trained with another diffusion.name or model shape?)") from None
+        sd = self.ckpt.load(step) if sd is None else sd  # `sd`: this rank's file, already read and checked
         self.engine.load_state_dict(sd["engine"])
         self.ema.load_state_dict(sd["ema"])
         if self.ppots is not None:
@@ -229,6 +239,23 @@ class Run:
         random.setstate(sd["rng"]["python"])
         if sd["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(sd["rng"]["cuda"])
+        self._check_finite_weights(step)
+
+    def _check_finite_weights(self, step: int) -> None:
+        """Refuse NaN/inf live or EMA weights on any rank; every rank raises the first message (collective)."""
+        source, problem = f"checkpoint {self.ckpt.folder(step)}", ""
+        try:
+            check_finite(self.model.named_parameters(), source=source, kind="model weight")
+            check_finite(self.ema.shadow.items(), source=source, kind="ema weight")
+        except NonFiniteWeightsError as err:
+            problem = str(err)
+        problems = [problem]
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            problems = [""] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(problems, problem)
+        first = next((p for p in problems if p), None)
+        if first is not None:
+            raise NonFiniteWeightsError(first)
 
     def save_checkpoint(self) -> None:
         self.ckpt.save(self.state.step, self.state_dict(), sharded_writer=self.engine.save_sharded)
@@ -243,14 +270,161 @@ class Run:
         close_loader = getattr(self.loader, "close", None)
         if close_loader is not None:
             close_loader()
+        if self.lock is not None:
+            self.lock.close()
         if teardown:
             if torch.distributed.is_initialized():
                 torch.distributed.barrier()
             destroy_distributed()
 
 
-def build_run(cfg: Config) -> Run:
-    """Initialise distributed state and build every part of the run; resumes from `latest`."""
+def _family_keys(cfg: Config) -> list[str]:
+    """The checkpoint keys a config's family adds to the backbone: scheduler heads, family tensors."""
+    family = family_from_config(cfg)
+    keys = ["fwd_head.*"] if family.needs_clean_features else []
+    keys += ["rev_head.*"] if family.needs_reverse_head else []
+    return keys + [f"family.{name}" for name, _ in family.named_parameters()]
+
+
+def check_trained_family(trained: Config, cfg: Config, folder: Path) -> None:
+    """Refuse to load a checkpoint into a family whose scheduler keys differ from the trained one's.
+
+    Raises:
+        ValueError: naming both families and the keys each has (e.g. an MDLM checkpoint read with
+            ``diffusion.name=lomdm``, which needs scheduler heads the checkpoint does not hold).
+    """
+    old, new = trained.diffusion.name, cfg.diffusion.name
+    have, need = _family_keys(trained), _family_keys(cfg)
+    if old != new and have != need:
+        raise ValueError(f"checkpoint {folder} was trained with diffusion.name={old}, which has "
+                         f"{'keys ' + ', '.join(have) if have else 'no scheduler heads or family tensors'}; "
+                         f"diffusion.name={new} needs {', '.join(need) or 'none of them'}: "
+                         f"keep diffusion.name={old} (a new family needs its own run directory)")
+
+
+def _check_resumed_family(cfg: Config, run_dir: Path) -> None:
+    """A trainer resuming a run with another family's checkpoint keys stops before anything is written."""
+    saved, ckpt = run_dir / "config.yaml", CheckpointManager.reader(run_dir / "checkpoints")
+    try:
+        step, trained = ckpt.latest_step(), load_config(saved) if saved.is_file() else None
+    except (ValueError, TypeError, OSError):  # a garbage `latest`, an older schema: resume() reports it
+        return
+    if step is not None and trained is not None:
+        check_trained_family(trained, cfg, ckpt.folder(step))
+
+
+def _first_problem(problem: str | None) -> str | None:
+    """The first rank's problem (in rank order) on every rank, so all ranks take the same branch (collective)."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return problem
+    gathered: list[str | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, problem)
+    return next((p for p in gathered if p), None)
+
+
+def _lock_run_dir(run_dir: Path, is_rank0: bool) -> IO[str] | None:
+    """Rank 0 takes the run directory's lock; every rank refuses if another trainer holds it."""
+    lock, problem = None, None
+    if is_rank0:
+        try:
+            lock = lock_run_dir(run_dir)
+        except RunDirInUse as err:
+            problem = str(err)
+    problem = _first_problem(problem)
+    if problem is not None:
+        raise RunDirInUse(problem)
+    return lock
+
+
+def _is_rng_state(value: Any) -> bool:
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
+        return False
+    try:
+        torch.Generator().set_state(value)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _state_problem(run: Run, sd: Any, step: int, path: Path) -> str | None:
+    """What in a rank file would fail or silently mislead a resume (naming the entry), or None."""
+    if not isinstance(sd, dict) or not {"engine", "ema", "train_state", "loader", "rng"} <= sd.keys():
+        return f"{path} is not a rank file of this trainer"
+    fields = {f.name for f in dataclasses.fields(TrainState)}
+    ts = sd["train_state"]
+    if not isinstance(ts, dict) or not set(ts) <= fields or not all(type(v) is int for v in ts.values()):
+        return f"{path}: train_state is malformed ({ts!r:.80})"
+    if ts.get("step") != step:
+        return f"{path}: train_state.step is {ts.get('step')!r}, but the folder is step {step}"
+    rng = sd["rng"]
+    if not isinstance(rng, dict) or not _is_rng_state(rng.get("torch")):
+        return f"{path}: rng.torch is not a torch RNG state"
+    try:
+        random.Random().setstate(rng.get("python"))
+    except (TypeError, ValueError):
+        return f"{path}: rng.python is not a Python RNG state"
+    cuda = rng.get("cuda")
+    if cuda is not None and not (isinstance(cuda, torch.Tensor) and cuda.dtype == torch.uint8):
+        return f"{path}: rng.cuda is not a CUDA RNG state"
+    shadow = sd["ema"].get("shadow") if isinstance(sd["ema"], dict) else None
+    if not isinstance(shadow, dict):
+        return f"{path}: ema has no shadow weights"
+    for name, mine in run.ema.shadow.items():
+        saved = shadow.get(name)
+        if not isinstance(saved, torch.Tensor) or saved.shape != mine.shape:
+            return f"{path}: ema.shadow[{name!r}] is missing or has another shape"
+    return None
+
+
+def _read_checkpoint(run: Run, step: int) -> tuple[dict[str, Any] | None, str | None]:
+    """This rank's state of checkpoint `step` if its files and entries are sound, else what is wrong."""
+    ckpt = run.ckpt
+    problem = ckpt.check(step)
+    if problem is not None:
+        return None, problem
+    path = ckpt.folder(step) / ckpt.shard_name()
+    if not path.is_file():
+        return None, f"{path} is missing"
+    try:
+        sd = ckpt.load(step)
+    except LayoutMismatch:
+        raise  # not damage: no fallback hides it
+    except Exception as err:  # noqa: BLE001  (zip, EOF, unpickling errors, a refused file)
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        return None, f"{path} is unreadable ({type(err).__name__}: {first_line})"
+    return sd, _state_problem(run, sd, step, path)
+
+
+def resume(run: Run) -> int | None:
+    """Load the latest checkpoint; a damaged one falls back to the one saved before it (collective).
+
+    Returns:
+        The step resumed from, or None when the run has no checkpoint.
+
+    Raises:
+        ValueError: checkpoints exist but none is loadable (each named with its damaged file).
+    """
+    damaged = []
+    for step in run.ckpt.resume_candidates():
+        sd, problem = _read_checkpoint(run, step)
+        problem = _first_problem(problem)
+        if problem is None:
+            run.load_checkpoint(step, sd)
+            return step
+        log.warning("checkpoint %s is damaged: %s; trying the one saved before it", run.ckpt.folder(step), problem)
+        damaged.append(problem)
+    if damaged:
+        raise ValueError(f"no loadable checkpoint in {run.ckpt.root}: {'; '.join(damaged)}. Repair or move the "
+                         f"damaged folders away (moving all of them starts the run afresh)")
+    return None
+
+
+def build_run(cfg: Config, *, read_only: bool = False) -> Run:
+    """Initialise distributed state and build every part of the run; resumes from `latest`.
+
+    A trainer (not `read_only`) first takes the run directory's lock and removes the leftovers of
+    unfinished saves; readers (evaluate, sample, export) do neither.
+    """
     cpu_hook = _install_cpu_backend_if_needed()
     # before any process group: bad data fails fast (a blend: one tokenizer across its sources)
     manifest = data_manifest(cfg.data.train, source_options(cfg.data, cfg.run.dir))
@@ -261,6 +435,9 @@ def build_run(cfg: Config) -> Run:
         torch.use_deterministic_algorithms(True, warn_only=True)
     run_dir = Path(cfg.run.dir)
     is_rank0 = info.rank == 0
+    lock = None if read_only else _lock_run_dir(run_dir, is_rank0)
+    if not read_only:
+        _check_resumed_family(cfg, run_dir)
     if is_rank0:
         save_config(cfg, run_dir / "config.yaml")
     model = build_model(cfg, info)
@@ -272,7 +449,8 @@ def build_run(cfg: Config) -> Run:
     valid_path, valid_split = valid_source(cfg.data, run_dir)
     ckpt = CheckpointManager(run_dir / "checkpoints", tp_rank=info.tp_rank, pp_rank=info.pp_rank, dp_rank=info.dp_rank,
                              tp=info.tp, pp=info.pp, is_rank0=is_rank0, keep_last=cfg.checkpoint.keep_last)
-    latest = ckpt.latest_step()
+    if is_rank0 and not read_only:
+        ckpt.remove_stale_tmp()
     d = cfg.diffusion
     tags = {"family": d.name, "c1": str(d.c1), "c2": str(d.c2), "layers": str(cfg.model.num_layers),
             "hidden": str(cfg.model.hidden_size), "layout": f"tp{info.tp}_pp{info.pp}_dp{info.dp}",
@@ -282,9 +460,9 @@ def build_run(cfg: Config) -> Run:
                             run_name=cfg.run.name or run_dir.name, tags=tags, system_metrics=cfg.tracking.system_metrics)
     run = Run(cfg=cfg, info=info, model=model, engine=engine, ema=ema, loader=loader, valid_path=valid_path,
               valid_split=valid_split, ckpt=ckpt, tracker=tracker, metrics_file=None, preemption=PreemptionFlag(),
-              ppots=build_ppots(d, model, info.device))
+              ppots=build_ppots(d, model, info.device), lock=lock)
+    latest = resume(run)
     if latest is not None:
-        run.load_checkpoint(latest)
         log.info("resumed from %s at step %d", ckpt.root / f"step_{latest:07d}", run.state.step)
     else:
         tracker.log_params(config_to_dict(cfg))

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_lomdm.checkpoint.manager import CheckpointManager
 from megatron_lomdm.config import Config, load_config
 from megatron_lomdm.config.load import replace
 from megatron_lomdm.data.loader import ShardLoader
@@ -109,13 +110,13 @@ def resolve_checkpoint(run_dir: str | Path, step: int | None) -> int:
     root = Path(run_dir) / "checkpoints"
     steps = available_checkpoints(run_dir)
     if step is None:
-        pointer = root / "latest"
-        if not pointer.is_file():
-            raise RunNotReady(f"{run_dir}: no complete checkpoint (no {pointer}); train first")
-        name = pointer.read_text().strip()
-        if not name.startswith("step_") or not name[5:].isdigit() or not (root / name).is_dir():
-            raise RunNotReady(f"{pointer} names {name!r}, which is not a checkpoint folder")
-        return int(name[5:])
+        try:
+            latest = CheckpointManager.reader(root).latest_step()
+        except ValueError as err:  # `latest` names no complete checkpoint, or holds garbage
+            raise RunNotReady(str(err)) from None
+        if latest is None:
+            raise RunNotReady(f"{run_dir}: no complete checkpoint in {root}; train first")
+        return latest
     if step not in steps:
         raise RunNotReady(f"{run_dir}: no checkpoint at step {step}; available: {steps or 'none'}")
     return step
@@ -163,15 +164,17 @@ def open_run(run_dir: str | Path, *, checkpoint: int | None = None, overrides: S
         The ``training.build.Run``; ``run.state.step`` is the checkpoint's step.
 
     Raises:
-        RunNotReady, ValueError: see ``load_run_config`` / ``resolve_checkpoint``.
+        RunNotReady, ValueError: see ``load_run_config`` / ``resolve_checkpoint``; the overrides
+            change the family's checkpoint keys (``check_trained_family``); non-finite weights.
     """
-    from megatron_lomdm.training.build import build_run
+    from megatron_lomdm.training.build import build_run, check_trained_family
 
     cfg = load_run_config(run_dir, overrides)
     cfg = replace(cfg, tracking={"enabled": False})
     step = resolve_checkpoint(run_dir, checkpoint)
+    check_trained_family(load_run_config(run_dir), cfg, Path(run_dir) / "checkpoints" / f"step_{step:07d}")
     with _read_only_build():
-        run = build_run(cfg)
+        run = build_run(cfg, read_only=True)
     latest = run.ckpt.latest_step()
     if latest != step:
         run.load_checkpoint(step)

@@ -66,3 +66,12 @@ def test_vocab_conflict_is_an_error(tiny_shards: Path, tmp_path: Path) -> None:
     out = train(tmp_path / "bad", tiny_shards, "model.vocab_size=100", timeout=120)
     assert out.returncode == 2
     assert "vocab" in out.stderr and "100" in out.stderr
+
+
+def test_deepspeed_backend_without_launcher(tiny_shards: Path, tmp_path: Path) -> None:
+    """`parallel.backend=deepspeed` under plain `python -m` (no LOCAL_RANK) trains single-process."""
+    run_dir = tmp_path / "ds"
+    out = train(run_dir, tiny_shards, "parallel.backend=deepspeed", "train.steps=1", "checkpoint.interval=1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(run_dir)] == [1]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000001"
