@@ -40,7 +40,8 @@ bench: setup
 bench-learning: setup
 	$(PY) bench/learning.py
 
-# not in CI: does the learned order learn the easy order of a synthetic task? (<= 15 min on 2 cores)
+# not in CI: does the learned order learn the easy order of a synthetic task? (<= 15 min on 2 cores;
+# `python bench/order_task.py --variants ...` runs the other variants)
 bench-order: setup
 	$(PY) bench/order_task.py
 
