@@ -422,8 +422,10 @@ def resume(run: Run) -> int | None:
 def build_run(cfg: Config, *, read_only: bool = False) -> Run:
     """Initialise distributed state and build every part of the run; resumes from `latest`.
 
-    A trainer (not `read_only`) first takes the run directory's lock and removes the leftovers of
-    unfinished saves; readers (evaluate, sample, export) do neither.
+    A trainer (not `read_only`) first takes the run directory's lock, removes the leftovers of
+    unfinished saves, writes `config.yaml` and opens `metrics.jsonl` (dropping lines after the
+    resumed step). Readers (evaluate, sample, export) do none of that: the run may still be
+    training, and their overrides (e.g. `parallel.tp`) are not the run's config.
     """
     cpu_hook = _install_cpu_backend_if_needed()
     # before any process group: bad data fails fast (a blend: one tokenizer across its sources)
@@ -438,7 +440,7 @@ def build_run(cfg: Config, *, read_only: bool = False) -> Run:
     lock = None if read_only else _lock_run_dir(run_dir, is_rank0)
     if not read_only:
         _check_resumed_family(cfg, run_dir)
-    if is_rank0:
+    if is_rank0 and not read_only:
         save_config(cfg, run_dir / "config.yaml")
     model = build_model(cfg, info)
     ema = EMA(list(model.named_parameters()), cfg.optim.ema_decay)
@@ -464,10 +466,10 @@ def build_run(cfg: Config, *, read_only: bool = False) -> Run:
     latest = resume(run)
     if latest is not None:
         log.info("resumed from %s at step %d", ckpt.root / f"step_{latest:07d}", run.state.step)
-    else:
+    elif not read_only:
         tracker.log_params(config_to_dict(cfg))
         tracker.log_artifact(run_dir / "config.yaml")
-    if is_rank0:
+    if is_rank0 and not read_only:
         run.metrics_file = MetricsFile(run_dir / "metrics.jsonl", resume_step=run.state.step + 1)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters on this rank (%s), family=%s, corruptions/sequence K=%d, micro-batches/step=%d",

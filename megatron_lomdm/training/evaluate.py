@@ -36,7 +36,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 import torch
@@ -122,32 +121,6 @@ def resolve_checkpoint(run_dir: str | Path, step: int | None) -> int:
     return step
 
 
-@contextlib.contextmanager
-def _read_only_build() -> Iterator[None]:
-    """``build_run`` without its writes to the run directory.
-
-    ``build_run`` is the training entry: rank 0 rewrites ``config.yaml`` and opens
-    ``metrics.jsonl``, dropping the lines after the resumed step. An inference tool must do
-    neither (the run may still be training, and overrides such as ``parallel.tp`` are not the
-    run's config), so both are replaced for the duration of the call.
-    """
-    from megatron_lomdm.training import build
-
-    class _NoMetricsFile:
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
-        def write(self, record: dict[str, Any]) -> None:
-            pass
-
-        def close(self) -> None:
-            pass
-
-    with mock.patch.object(build, "save_config", lambda cfg, path: None), \
-            mock.patch.object(build, "MetricsFile", _NoMetricsFile):
-        yield
-
-
 def open_run(run_dir: str | Path, *, checkpoint: int | None = None, overrides: Sequence[str] = ()):
     """Build a run from its directory for inference, at checkpoint ``checkpoint`` (default: latest).
 
@@ -173,8 +146,7 @@ def open_run(run_dir: str | Path, *, checkpoint: int | None = None, overrides: S
     cfg = replace(cfg, tracking={"enabled": False})
     step = resolve_checkpoint(run_dir, checkpoint)
     check_trained_family(load_run_config(run_dir), cfg, Path(run_dir) / "checkpoints" / f"step_{step:07d}")
-    with _read_only_build():
-        run = build_run(cfg, read_only=True)
+    run = build_run(cfg, read_only=True)
     latest = run.ckpt.latest_step()
     if latest != step:
         run.load_checkpoint(step)
