@@ -19,7 +19,7 @@ def _pins() -> dict[str, str]:
 PINS = _pins()
 RUNTIME = ["torch", "megatron-core", "deepspeed", "webdataset", "wids", "mlflow", "submitit", "pyyaml",
            "transformers", "tokenizers", "safetensors", "numpy", "tqdm", "ninja", "datasets", "pyarrow"]
-TEST = ["pytest", "pytest-timeout"]
+TEST = ["pytest", "pytest-timeout", "pytest-xdist", "execnet"]
 
 setup(
     name="megatron_lomdm",
