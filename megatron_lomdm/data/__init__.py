@@ -1,5 +1,7 @@
 """Data: tokenization, WebDataset shards with a manifest, and the layout-independent loader.
 
+The modules and their order: ``format``'s docstring.
+
 Names are re-exported lazily so that ``import megatron_lomdm.data.tokenize`` (preprocessing
 workers) does not import torch.
 """
@@ -10,14 +12,15 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "BlendLoader": "loader",
     "ShardLoader": "loader",
-    "Manifest": "shards",
-    "ShardFile": "shards",
-    "check_tokenizer_compat": "shards",
-    "read_manifest": "shards",
-    "read_split": "shards",
-    "storage_dtype": "shards",
-    "write_shards": "shards",
+    "Manifest": "format",
+    "ShardFile": "reader",
+    "check_tokenizer_compat": "sources",
+    "read_manifest": "sources",
+    "read_split": "sources",
+    "storage_dtype": "format",
+    "write_shards": "preprocess",
     "TokenizerInfo": "tokenize",
     "load_tokenizer": "tokenize",
     "train_bpe_tokenizer": "tokenize",

@@ -1,4 +1,4 @@
-"""Shard sources: where the shards of a split live, and how a rank gets a verified local copy.
+"""Shard sources: where the shards of a split live, and their manifests (local, remote, blend).
 
 ``data.train`` / ``data.valid`` (and ``ShardLoader``'s ``path``) accept, as WebDataset users
 expect:
@@ -23,85 +23,61 @@ of its first location with ``manifest.json`` (same prefix, same kind of source).
 the shards of one split; asking a pattern source for another split (e.g. the ``valid`` split of a
 ``train-{...}.tar`` pattern) gives that whole split, located the same way.
 
-Remote shards (``http(s)://``, ``pipe:``) are downloaded on first use into a cache folder
-(``cache_dir/<data fingerprint>/``): written to a temporary name while their sha256 is computed,
-checked against the manifest's size and sha256, and renamed into place, so a file under its final
-name is always complete and verified. Processes sharing the cache (the ranks of a node, or of the
-whole job on a shared file system) take a per-shard ``flock`` so that a shard is downloaded once;
-where the file system has no ``flock`` they download it independently (the rename keeps that
-correct). The loader then reads them by random access (``mmap``) exactly as local shards, which
-is why the global sample order, the data-parallel split and the resume position are the same for
-every kind of source. Upcoming shards (in this rank's order of first use) are prefetched in
-background threads; ``cache_max_gb`` bounds the cache by evicting the least recently used shards.
-
-Failures. Every fetch attempt that fails (a ``pipe:`` command exiting non-zero or stalling for
-``timeout_s``, an HTTP error, a short or corrupt download) is retried ``retries`` times with
-exponential back-off; then the run stops with ``ShardUnavailableError`` naming the shard and its
-location. Local shards are not retried: their size is checked at every open and their sha256 at
-the first open in each process (``shards.verify_shard_file``); a missing, truncated or corrupt one
-stops the run at once with ``ShardDataError`` naming the shard and the manifest's size and digest.
-Every row read is checked too (lengths, token ids below the manifest's ``vocab_size``, padding;
-``shards.ShardFile``). With ``skip_bad_shards`` a bad shard is skipped instead: its rows become
-empty rows (``valid`` all False, no loss), it is counted and logged (on every rank), and a
-``NAME.bad`` marker in the cache makes every process sharing the cache agree on the skip. Nothing
-is ever skipped silently, and a loader that has skipped every shard of a source, or read a whole
-epoch without a token, stops with ``NoDataError`` instead of training on nothing.
+This module is the one place where a ``data.train`` / ``data.valid`` value becomes manifests:
+``read_manifest`` takes a local folder, any source spec, or a blend (a list of ``{source, weight[,
+name]}``: its first source's manifest, after checking that every source has one tokenizer and one
+sequence length); ``open_source`` resolves one split of one source (its shards and where they
+are); remote manifests are fetched (``fetch``) and kept next to the cached shards. Getting the
+shards themselves is ``cache.ShardStore``'s job.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
 import hashlib
 import json
 import os
-import queue
 import re
-import select
 import shlex
-import socket
-import subprocess
-import tempfile
 import threading
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
-from megatron_lomdm.data.shards import (
-    MANIFEST_NAME,
-    Manifest,
-    ShardDataError,
-    ShardFile,
-    parse_manifest,
-    read_manifest,
-    verify_shard_file,
+from megatron_lomdm.data.fetch import (
+    NoDataError,
+    ShardUnavailableError,
+    SourceOptions,
+    default_cache_dir,
+    fetch_bytes,
 )
-from megatron_lomdm.utils.logging import get_logger
-
-logger = get_logger(__name__)
+from megatron_lomdm.data.format import MANIFEST_NAME, Manifest, parse_manifest, read_local_manifest
+from megatron_lomdm.data.reader import ShardDataError, ShardFile
 
 __all__ = [
+    "BlendEntry",
     "NoDataError",
     "ShardDataError",
     "ShardSource",
-    "ShardStore",
     "ShardUnavailableError",
     "SourceOptions",
     "SourceSpec",
+    "blend_manifest",
+    "check_same_tokenizer",
+    "check_tokenizer_compat",
+    "data_manifest",
     "default_cache_dir",
     "is_source_spec",
     "manifest_of",
     "open_source",
+    "parse_blend",
     "parse_spec",
+    "read_manifest",
     "read_source_manifest",
+    "read_split",
 ]
 
 _SCHEMES = ("pipe:", "http:", "https:", "file:")
@@ -109,75 +85,16 @@ _BRACES = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
 # A shard file name inside a pipe command (the last one is the shard): no '/', ends in '.tar'.
 _TAR_NAME = re.compile(r"[A-Za-z0-9_.+-]*[A-Za-z0-9_+-]\.tar(?![A-Za-z0-9_.+-])")
 _JSON_NAME = re.compile(r"[A-Za-z0-9_.+-]*[A-Za-z0-9_+-]\.json(?![A-Za-z0-9_.+-])")
-_CHUNK = 1 << 20
-_MAX_BACKOFF_S = 60.0
-_BAD_MARKER_GRACE_S = 600.0  # a peer's skip verdict older than the process start by this is stale
-_PROCESS_START = time.time()
-T = TypeVar("T")
-
-
-class ShardUnavailableError(RuntimeError):
-    """A shard (or a manifest) could not be read after all retries; the message names it."""
-
-
-class NoDataError(ValueError):
-    """Every shard of a source was skipped (``skip_bad_shards``), or an epoch gave no token."""
-
-
-class _FetchError(Exception):
-    """One failed attempt (retried)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Options
-# --------------------------------------------------------------------------------------------
-
-
-def default_cache_dir() -> Path:
-    """``$LOMDM_DATA_CACHE``, else ``$XDG_CACHE_HOME/megatron_lomdm/shards`` (``~/.cache/...``)."""
-    if os.environ.get("LOMDM_DATA_CACHE"):
-        return Path(os.environ["LOMDM_DATA_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "megatron_lomdm" / "shards"
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceOptions:
-    """How remote shards are fetched and cached (``data.*`` keys of the same names).
-
-    Attributes:
-        cache_dir: where remote shards are downloaded (``None``: ``default_cache_dir()``); use a
-            node-local disk when the ranks of a node can share it, a shared file system to
-            download each shard once for the whole job.
-        retries: attempts after the first before a shard is declared unavailable.
-        retry_wait_s: back-off before the first retry; doubles each retry (at most 60 s).
-        timeout_s: an HTTP connection or read, or a ``pipe:`` command's output, that stalls this
-            long fails the attempt.
-        skip_bad_shards: skip (count, log) an unavailable shard instead of stopping.
-        cache_max_gb: bound on the cache folder of one source; 0 means unbounded.
-        prefetch_shards: upcoming shards downloaded ahead in background threads; 0 disables.
-    """
-
-    cache_dir: str | Path | None = None
-    retries: int = 3
-    retry_wait_s: float = 2.0
-    timeout_s: float = 300.0
-    skip_bad_shards: bool = False
-    cache_max_gb: float = 0.0
-    prefetch_shards: int = 4
-
-    def __post_init__(self) -> None:
-        if self.retries < 0:
-            raise ValueError(f"retries must be >= 0, got {self.retries}")
-        if self.retry_wait_s < 0 or self.timeout_s <= 0:
-            raise ValueError("retry_wait_s must be >= 0 and timeout_s > 0")
-        if self.cache_max_gb < 0 or self.prefetch_shards < 0:
-            raise ValueError("cache_max_gb and prefetch_shards must be >= 0")
-
-    @property
-    def cache_root(self) -> Path:
-        """The cache folder (absolute)."""
-        return Path(self.cache_dir or default_cache_dir()).absolute()
+_ENTRY_KEYS = frozenset({"source", "weight", "name"})
+_TOKENIZER_KEYS = (
+    "tokenizer_json_sha256",
+    "vocab_size",
+    "model_vocab_size",
+    "mask_id",
+    "pad_id",
+    "eos_id",
+    "bos_id",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,7 +219,7 @@ def parse_spec(spec: str | Path) -> SourceSpec:
     kind = _kind(text)
     body = _file_path(text) if kind == "local" else text
     if kind == "local" and Path(body).exists() and not body.endswith(".tar"):
-        manifest = read_manifest(body)  # local folder / manifest file: read in place
+        manifest = read_local_manifest(body)  # local folder / manifest file: read in place
         root = f"{manifest.root}{os.sep}"
         return SourceSpec(text, kind, root, "", str(manifest.path))
     items = _expand(body) if _has_braces(body) else [body]
@@ -357,144 +274,6 @@ def _manifest_spec(text: str, body: str, kind: str) -> SourceSpec:
 
 
 # --------------------------------------------------------------------------------------------
-# Streams (one attempt each)
-# --------------------------------------------------------------------------------------------
-
-
-class _PipeRegistry:
-    """The ``pipe:`` processes running now, so that ``close()`` can stop them."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.procs: set[subprocess.Popen[bytes]] = set()
-
-    def kill_all(self) -> None:
-        with self.lock:
-            procs = list(self.procs)
-        for proc in procs:
-            _kill(proc)
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, 9)  # its own session: the command and its children
-    with contextlib.suppress(Exception):
-        proc.wait(timeout=5)
-
-
-def _stream(
-    location: str, kind: str, timeout_s: float, procs: _PipeRegistry | None
-) -> Iterator[bytes]:
-    """The bytes at ``location`` in chunks; raises ``_FetchError`` on any failure."""
-    if kind == "pipe":
-        yield from _stream_pipe(location[len("pipe:") :], timeout_s, procs)
-    elif kind == "http":
-        yield from _stream_http(location, timeout_s)
-    else:
-        try:
-            with open(location, "rb") as stream:
-                yield from iter(lambda: stream.read(_CHUNK), b"")
-        except OSError as err:
-            raise _FetchError(f"{type(err).__name__}: {err}") from err
-
-
-def _stream_http(url: str, timeout_s: float) -> Iterator[bytes]:
-    request = urllib.request.Request(url, headers={"User-Agent": "megatron_lomdm"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            expected = response.headers.get("Content-Length")
-            got = 0
-            while chunk := response.read(_CHUNK):
-                got += len(chunk)
-                yield chunk
-            if expected is not None and got != int(expected):
-                raise _FetchError(f"connection closed after {got} of {expected} bytes")
-    except urllib.error.HTTPError as err:
-        raise _FetchError(f"HTTP {err.code} {err.reason}") from err
-    except urllib.error.URLError as err:
-        raise _FetchError(f"cannot reach {url}: {err.reason}") from err
-    except TimeoutError as err:
-        raise _FetchError(f"no data for {timeout_s:g} s (timeout)") from err
-    except (OSError, ValueError) as err:  # ConnectionReset, IncompleteRead, bad URL...
-        raise _FetchError(f"{type(err).__name__}: {err}") from err
-
-
-def _stream_pipe(command: str, timeout_s: float, procs: _PipeRegistry | None) -> Iterator[bytes]:
-    with tempfile.TemporaryFile() as stderr:
-        proc = subprocess.Popen(
-            command,
-            shell=True,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            start_new_session=True,
-        )
-        if procs is not None:
-            with procs.lock:
-                procs.procs.add(proc)
-        finished = False
-        try:
-            assert proc.stdout is not None
-            fd = proc.stdout.fileno()
-            while True:
-                ready, _, _ = select.select([fd], [], [], timeout_s)
-                if not ready:
-                    raise _FetchError(f"the command wrote nothing for {timeout_s:g} s (timeout)")
-                chunk = os.read(fd, _CHUNK)
-                if not chunk:
-                    break
-                yield chunk
-            rc = proc.wait(timeout=timeout_s)
-            finished = True
-            if rc != 0:
-                stderr.seek(0)
-                tail = stderr.read()[-600:].decode("utf-8", "replace").strip()
-                raise _FetchError(f"exit status {rc}" + (f": {tail}" if tail else ""))
-        except subprocess.TimeoutExpired as err:
-            raise _FetchError(f"the command did not exit {timeout_s:g} s after its output") from err
-        finally:
-            if not finished:
-                _kill(proc)
-            if proc.stdout is not None:
-                proc.stdout.close()
-            if procs is not None:
-                with procs.lock:
-                    procs.procs.discard(proc)
-
-
-def _retrying(what: str, options: SourceOptions, attempt: Callable[[], T]) -> T:
-    """Run ``attempt`` up to ``1 + retries`` times; ``ShardUnavailableError`` names ``what``."""
-    errors: list[str] = []
-    for k in range(options.retries + 1):
-        try:
-            return attempt()
-        except _FetchError as err:
-            errors.append(str(err))
-            if k < options.retries:
-                wait = min(options.retry_wait_s * 2**k, _MAX_BACKOFF_S)
-                logger.warning(
-                    "%s: attempt %d of %d failed (%s); retrying in %.1f s",
-                    what,
-                    k + 1,
-                    options.retries + 1,
-                    err,
-                    wait,
-                )
-                time.sleep(wait)
-    raise ShardUnavailableError(
-        f"{what}: failed {len(errors)} attempt(s) (data.retries={options.retries}); last error: "
-        f"{errors[-1]}"
-    )
-
-
-def _fetch_bytes(location: str, kind: str, options: SourceOptions) -> bytes:
-    def attempt() -> bytes:
-        return b"".join(_stream(location, kind, options.timeout_s, None))
-
-    return _retrying(f"reading {location}", options, attempt)
-
-
-# --------------------------------------------------------------------------------------------
 # Sources
 # --------------------------------------------------------------------------------------------
 
@@ -538,12 +317,12 @@ _MANIFESTS_LOCK = threading.Lock()
 
 def _load_manifest(spec: SourceSpec, options: SourceOptions) -> Manifest:
     if not spec.remote:
-        return read_manifest(spec.manifest_location)
+        return read_local_manifest(spec.manifest_location)
     key = (spec.manifest_location, str(options.cache_root))
     with _MANIFESTS_LOCK:
         if key in _MANIFESTS:
             return _MANIFESTS[key]
-    raw = _fetch_bytes(spec.manifest_location, spec.kind, options)
+    raw = fetch_bytes(spec.manifest_location, spec.kind, options)
     data = parse_manifest(raw, spec.manifest_location)
     for name, split in data["splits"].items():
         for shard in split["shards"]:
@@ -597,16 +376,7 @@ def open_source(
     options = options or SourceOptions()
     parsed = spec if isinstance(spec, SourceSpec) else parse_spec(spec)
     manifest = _load_manifest(parsed, options)
-    listed = parsed.names is not None
-    if listed:
-        own = _pattern_split(parsed, manifest)
-        if split is None or split == own:
-            split, names = own, list(parsed.names or ())
-        else:
-            names = [s["name"] for s in manifest.split(split)["shards"]]
-    else:
-        split = split or "train"
-        names = [s["name"] for s in manifest.split(split)["shards"]]
+    split, names = _split_and_names(parsed, manifest, split)
     entries = {s["name"]: s for s in manifest.split(split)["shards"]}
     shards = tuple(entries[n] for n in names)
     if not shards:
@@ -627,6 +397,19 @@ def open_source(
     )
 
 
+def _split_and_names(
+    spec: SourceSpec, manifest: Manifest, split: str | None
+) -> tuple[str, list[str]]:
+    """The split and the names of its shards in use: a pattern's own shards (its split unless
+    another is asked for, which is then used whole), else all the shards of ``split``."""
+    if spec.names is not None:
+        own = _pattern_split(spec, manifest)
+        if split is None or split == own:
+            return own, list(spec.names)
+    split = split or "train"
+    return split, [s["name"] for s in manifest.split(split)["shards"]]
+
+
 def manifest_of(spec: str | Path | SourceSpec, options: SourceOptions | None = None) -> Manifest:
     """The manifest next to a source's shards (fetched and cached for remote sources)."""
     parsed = spec if isinstance(spec, SourceSpec) else parse_spec(spec)
@@ -642,8 +425,6 @@ def read_source_manifest(
     same tokenizer and sequence length (``check_same_tokenizer``): what the model is built from.
     """
     if isinstance(spec, (list, tuple)):
-        from megatron_lomdm.data.blend import blend_manifest  # noqa: PLC0415 (cycle)
-
         return blend_manifest(spec, options)
     parsed = parse_spec(spec)
     if parsed.names is not None:
@@ -651,407 +432,190 @@ def read_source_manifest(
     return manifest_of(parsed, options)
 
 
-# --------------------------------------------------------------------------------------------
-# The store: local copies of a source's shards
-# --------------------------------------------------------------------------------------------
+def read_manifest(path: str | Path | list[Any]) -> Manifest:
+    """Read and validate the manifest of a shard folder or of any shard source.
 
+    Args:
+        path: the folder written by ``tools/preprocess_data.py`` or its ``manifest.json``; or any
+            source spec of ``data.sources`` (``file://``, ``http(s)://``, ``pipe:``, a brace
+            pattern of shard locations), whose manifest is fetched from next to the shards; or a
+            ``data.train`` blend (a list of ``{source, weight}``), which gives the manifest of its
+            first source after checking that every source has the same tokenizer and length.
 
-class _Prefetcher:
-    """Daemon threads running fetches, started on demand and gone after ``_IDLE_S`` idle seconds.
-
-    Daemon threads, so that a finishing or preempted process never waits for a download
-    (``concurrent.futures`` pools are joined at exit); idle exit, so that loaders that are never
-    closed (one per evaluation) leave no threads behind.
+    Raises:
+        ValueError: no manifest (not a shard folder, or an incomplete one), another format, a
+            newer format version, or a manifest not marked complete.
     """
-
-    _IDLE_S = 30.0
-
-    def __init__(self, workers: int, fetch: Callable[[int], Path]) -> None:
-        self.workers, self.fetch = workers, fetch
-        self.tasks: queue.Queue[tuple[int, Future[Path]]] = queue.Queue()
-        self.lock = threading.Lock()
-        self.running = 0
-
-    def submit(self, index: int) -> Future[Path]:
-        future: Future[Path] = Future()
-        self.tasks.put((index, future))
-        with self.lock:
-            if self.running < self.workers:
-                self.running += 1
-                threading.Thread(target=self._run, name="shard-prefetch", daemon=True).start()
-        return future
-
-    def _run(self) -> None:
-        while True:
-            try:
-                index, future = self.tasks.get(timeout=self._IDLE_S)
-            except queue.Empty:
-                with self.lock:
-                    if self.tasks.empty():
-                        self.running -= 1
-                        return
-                continue
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(self.fetch(index))
-            except BaseException as err:  # noqa: BLE001 - handed to the consumer
-                future.set_exception(err)
-
-    def close(self) -> None:
-        """Cancel what has not started (running fetches stop at their next attempt)."""
-        while True:
-            try:
-                _, future = self.tasks.get_nowait()
-            except queue.Empty:
-                return
-            future.cancel()
+    if isinstance(path, (list, tuple)) or is_source_spec(str(path)):
+        return read_source_manifest(path)
+    return read_local_manifest(path)
 
 
-class ShardStore:
-    """Opens the shards of a ``ShardSource`` (fetching remote ones into the cache) with retries.
+def data_manifest(train: str | Sequence[Any], options: SourceOptions | None = None) -> Manifest:
+    """The manifest that defines the model's data fields for a ``data.train`` value."""
+    if isinstance(train, (list, tuple)):
+        return blend_manifest(train, options)
+    if not str(train).strip():
+        raise ValueError("data.train is empty: name a shard folder, a source URL or a blend")
+    return read_manifest(train) if options is None else open_source(train, None, options).manifest
 
-    Thread-safe: background threads prefetch while the loader opens shards.
+
+def check_tokenizer_compat(
+    manifest: Manifest | str | Path,
+    *,
+    vocab_size: int | None = None,
+    mask_id: int | None = None,
+    pad_id: int | None = None,
+    seq_length: int | None = None,
+) -> None:
+    """Check that a model config agrees with the shards; ``None`` arguments are not checked.
+
+    ``vocab_size`` is the model's embedding size: it must be at least the manifest's
+    ``model_vocab_size`` (a larger, e.g. TP-padded, vocabulary is fine) and above ``mask_id``.
+    ``mask_id``, ``pad_id`` and ``seq_length`` must equal the manifest's.
+
+    Raises:
+        ValueError: naming the config value, the manifest value and the manifest path.
     """
-
-    def __init__(self, source: ShardSource, options: SourceOptions | None = None) -> None:
-        self.source = source
-        self.options = options or SourceOptions()
-        self.folder = (
-            self.options.cache_root / source.manifest.fingerprint()[:24] if source.remote else None
+    if not isinstance(manifest, Manifest):
+        manifest = read_manifest(manifest)
+    tok, where = manifest.tokenizer, manifest.path
+    if vocab_size is not None and vocab_size < tok["model_vocab_size"]:
+        virtual = " (tokenizer vocab + a virtual [MASK] id)" if tok.get("mask_is_virtual") else ""
+        raise ValueError(
+            f"vocab_size={vocab_size} in the config but the shards need model_vocab_size="
+            f"{tok['model_vocab_size']}{virtual} ({where})"
         )
-        self._lock = threading.Lock()
-        self._shard_locks: dict[int, threading.Lock] = {}
-        self._futures: dict[int, Future[Path]] = {}
-        self._prefetcher: _Prefetcher | None = None
-        self._closed = False
-        self._procs = _PipeRegistry()
-        self.bad: dict[int, str] = {}
-        self.counters = {
-            "fetched_shards": 0,
-            "fetched_bytes": 0,
-            "fetch_seconds": 0.0,
-            "failed_attempts": 0,
-            "cache_evictions": 0,
-        }
-        if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._remove_stale_temporaries()
+    for name, value, expected in (
+        ("mask_id", mask_id, tok["mask_id"]),
+        ("pad_id", pad_id, tok["pad_id"]),
+        ("seq_length", seq_length, manifest.seq_length),
+    ):
+        if value is not None and int(value) != int(expected):
+            raise ValueError(f"{name}={value} in the config but {name}={expected} in {where}")
+    if vocab_size is not None and mask_id is not None and mask_id >= vocab_size:
+        raise ValueError(f"mask_id={mask_id} is outside vocab_size={vocab_size} ({where})")
 
-    # ---- public --------------------------------------------------------------------------------
 
-    def name(self, index: int) -> str:
-        """The shard's file name."""
-        return self.source.shards[index]["name"]
-
-    def describe(self, index: int) -> str:
-        """``NAME (location)`` for messages."""
-        return f"shard {self.name(index)} ({self.source.locations[index]})"
-
-    def open(self, index: int, *, dtype: np.dtype, seq_length: int) -> ShardFile | None:
-        """Open shard ``index`` for random access; ``None`` when it is skipped (bad).
-
-        Raises:
-            ShardUnavailableError: after all retries, unless ``skip_bad_shards``.
-        """
-        if index in self.bad:
-            return None
-        try:
-            if not self.source.remote:
-                return self._open_local(index, dtype, seq_length)
-            path = self._local_copy(index)
-            try:
-                return self._shard_file(index, path, dtype, seq_length)
-            except (OSError, ValueError) as err:  # evicted by another process meanwhile, or bad
-                logger.warning(
-                    "%s: reopening the cached copy failed (%s); fetching it again",
-                    self.describe(index),
-                    err,
-                )
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                path = self._fetch(index)
-                return self._shard_file(index, path, dtype, seq_length)
-        except (ShardUnavailableError, ShardDataError) as err:
-            if not self.options.skip_bad_shards:
-                raise
-            self.skip(index, str(err))
-            return None
-
-    def check_local_sizes(self) -> None:
-        """Local sources: check every shard's size now (a ``stat`` each), so that a missing or
-        truncated shard stops the run (or is skipped) before the first step."""
-        if self.source.remote:
-            return
-        manifest = self.source.manifest.location
-        pairs = zip(self.source.shards, self.source.locations, strict=True)
-        for index, (entry, path) in enumerate(pairs):
-            try:
-                verify_shard_file(Path(path), entry, manifest, digest=False)
-            except ShardDataError as err:
-                if not self.options.skip_bad_shards:
-                    raise
-                self.skip(index, str(err))
-
-    def verify_until_good(self) -> None:
-        """Local sources: verify (sha256) the shards not yet skipped, in order, until one is good,
-        skipping the bad ones. Called when nothing good has been read yet, so that a source whose
-        every shard is bad is found out at once (not one shard at a time while training on empty
-        rows); when the data is fine it costs the digest of about one shard, due anyway."""
-        if self.source.remote:
-            return
-        for index, path in enumerate(self.source.locations):
-            if index in self.bad:
-                continue
-            try:
-                entry = self.source.shards[index]
-                verify_shard_file(Path(path), entry, self.source.manifest.location)
-                return
-            except ShardDataError as err:
-                if not self.options.skip_bad_shards:
-                    raise
-                self.skip(index, str(err))
-
-    def prefetch(self, indices: Sequence[int]) -> None:
-        """Start downloading these shards in the background (remote sources; no-op otherwise)."""
-        if not self.source.remote or self.options.prefetch_shards == 0:
-            return
-        with self._lock:
-            if self._closed:
-                return
-            if self._prefetcher is None:
-                self._prefetcher = _Prefetcher(min(self.options.prefetch_shards, 4), self._fetch)
-            for index in indices:
-                if index in self._futures or index in self.bad or self._cached(index) is not None:
-                    continue
-                self._futures[index] = self._prefetcher.submit(index)
-
-    def stats(self) -> dict[str, float]:
-        """Counters: fetched shards/bytes/seconds, failed attempts, skipped shards."""
-        with self._lock:
-            out: dict[str, float] = dict(self.counters)
-            out["skipped_shards"] = len(self.bad)
-        return out
-
-    def close(self) -> None:
-        """Stop prefetching (running ``pipe:`` commands are killed)."""
-        with self._lock:
-            self._closed = True
-            prefetcher, self._prefetcher = self._prefetcher, None
-            futures, self._futures = self._futures, {}
-        for future in futures.values():
-            future.cancel()
-        self._procs.kill_all()
-        if prefetcher is not None:
-            prefetcher.close()
-
-    # ---- local ---------------------------------------------------------------------------------
-
-    def _open_local(self, index: int, dtype: np.dtype, seq_length: int) -> ShardFile:
-        """Verify (size; sha256 once per process) and open a local shard; no retries: a local
-        file that is wrong now stays wrong."""
-        path = Path(self.source.locations[index])
-        verify_shard_file(path, self.source.shards[index], self.source.manifest.location)
-        try:
-            return self._shard_file(index, path, dtype, seq_length)
-        except OSError as err:
-            raise ShardDataError(f"shard {path}: cannot be read ({err})") from err
-
-    def _shard_file(self, index: int, path: Path, dtype: np.dtype, seq_length: int) -> ShardFile:
-        shard, tokenizer = self.source.shards[index], self.source.manifest.tokenizer
-        return ShardFile(
+def read_split(
+    manifest: Manifest | str | Path, split: str = "train"
+) -> Iterable[tuple[np.ndarray, int]]:
+    """Yield ``(tokens row, length)`` for every sample of a split in stored order (inspection)."""
+    if not isinstance(manifest, Manifest):
+        manifest = read_manifest(manifest)
+    for shard, path in zip(
+        manifest.split(split)["shards"], manifest.shard_paths(split), strict=True
+    ):
+        reader = ShardFile(
             path,
-            dtype=dtype,
-            seq_length=seq_length,
-            expected_rows=int(shard["num_samples"]),
+            dtype=manifest.dtype,
+            seq_length=manifest.seq_length,
+            expected_rows=shard["num_samples"],
             expected_tokens=shard.get("num_tokens"),
-            vocab_size=tokenizer.get("vocab_size"),
-            pad_id=tokenizer.get("pad_id"),
+            vocab_size=manifest.tokenizer.get("vocab_size"),
+            pad_id=manifest.tokenizer.get("pad_id"),
         )
+        tokens, lengths = reader.read(range(reader.num_rows))
+        reader.close()
+        yield from zip(tokens, lengths.tolist(), strict=True)
 
-    def _retry(self, index: int, attempt: Callable[[], T]) -> T:
-        def counted() -> T:
-            try:
-                return attempt()
-            except _FetchError:
-                with self._lock:
-                    self.counters["failed_attempts"] += 1
-                raise
 
-        return _retrying(self.describe(index), self.options, counted)
+# --------------------------------------------------------------------------------------------
+# Blends: several sources with weights (the loader's ``BlendLoader`` reads them)
+# --------------------------------------------------------------------------------------------
 
-    # ---- remote --------------------------------------------------------------------------------
 
-    def _cached(self, index: int) -> Path | None:
-        assert self.folder is not None
-        path = self.folder / self.name(index)
-        try:
-            if path.stat().st_size == int(self.source.shards[index]["bytes"]):
-                return path
-        except FileNotFoundError:
-            pass
-        return None
+@dataclasses.dataclass(frozen=True)
+class BlendEntry:
+    """One source of a blend: its spec, its weight (> 0) and its name in the metrics."""
 
-    def _local_copy(self, index: int) -> Path:
-        with self._lock:
-            future = self._futures.pop(index, None)
-        if future is not None and not future.cancelled():
-            return future.result()  # its ShardUnavailableError is final: it already retried
-        return self._fetch(index)
+    source: str
+    weight: float
+    name: str
 
-    def _shard_lock(self, index: int) -> threading.Lock:
-        with self._lock:
-            return self._shard_locks.setdefault(index, threading.Lock())
 
-    @contextlib.contextmanager
-    def _file_lock(self, index: int) -> Iterator[None]:
-        """Exclusive per shard across processes sharing the cache (where ``flock`` works)."""
-        import fcntl
+def _default_name(spec: str) -> str:
+    parsed_text = str(spec).rstrip("/")
+    parts = [p for p in re.split(r"[/\s]+", parsed_text) if p]
+    for part in reversed(parts):
+        if part.endswith((".json", ".tar", "-")) or "{" in part or part in ("-", "cat"):
+            continue
+        clean = re.sub(r"[^A-Za-z0-9_.-]", "_", part)
+        if clean:
+            return clean
+    return "source"
 
-        assert self.folder is not None
-        with self._shard_lock(index), open(self.folder / f".{self.name(index)}.lock", "a+b") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX)
-            except OSError as err:  # e.g. a file system mounted without flock support
-                if err.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-            yield
 
-    def _fetch(self, index: int) -> Path:
-        """The verified local copy of a remote shard, downloading it if needed (with retries)."""
-        with self._file_lock(index):
-            path = self._cached(index)
-            if path is not None:
-                with contextlib.suppress(OSError):
-                    os.utime(path)  # recently used: evicted last
-                return path
-            peer = self._peer_verdict(index)
-            if peer is not None:
-                raise ShardUnavailableError(peer)
-            try:
-                return self._retry(index, lambda: self._download(index))
-            except ShardUnavailableError as err:
-                if self.options.skip_bad_shards:
-                    self._write_marker(index, str(err))
-                raise
+def parse_blend(value: Sequence[Any]) -> list[BlendEntry]:
+    """Validate a ``data.train`` list and name its sources (``name``, else from the spec).
 
-    def _download(self, index: int) -> Path:
-        assert self.folder is not None
-        if self._closed:
-            raise ShardUnavailableError(f"{self.describe(index)}: the loader was closed")
-        shard = self.source.shards[index]
-        dest = self.folder / shard["name"]
-        self._make_room(int(shard["bytes"]))
-        tmp = (
-            self.folder
-            / f".{shard['name']}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp"
-        )
-        digest, size, t0 = hashlib.sha256(), 0, time.perf_counter()
-        try:
-            with open(tmp, "wb") as out:
-                for chunk in _stream(
-                    self.source.locations[index],
-                    self.source.spec.kind,
-                    self.options.timeout_s,
-                    self._procs,
-                ):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    size += len(chunk)
-            if size != int(shard["bytes"]):
-                raise _FetchError(f"got {size} bytes, the manifest says {shard['bytes']}")
-            if digest.hexdigest() != shard["sha256"]:
-                raise _FetchError(
-                    f"sha256 {digest.hexdigest()[:16]}... does not match the manifest's "
-                    f"{shard['sha256'][:16]}..."
-                )
-            os.replace(tmp, dest)
-        except OSError as err:
-            raise _FetchError(f"{type(err).__name__}: {err}") from err
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        with self._lock:
-            self.counters["fetched_shards"] += 1
-            self.counters["fetched_bytes"] += size
-            self.counters["fetch_seconds"] += time.perf_counter() - t0
-        return dest
-
-    def _remove_stale_temporaries(self) -> None:
-        """Remove partial downloads of dead processes of this host (``.NAME.HOST.PID.TID.tmp``)."""
-        assert self.folder is not None
-        host = socket.gethostname()
-        for shard in self.source.shards:
-            head = f".{shard['name']}."
-            for tmp in self.folder.glob(f"{head}*.tmp"):
-                owner = tmp.name[len(head) : -len(".tmp")].rsplit(".", 2)  # host, pid, thread
-                if len(owner) != 3 or owner[0] != host or not owner[1].isdigit():
-                    continue
-                try:
-                    os.kill(int(owner[1]), 0)
-                except ProcessLookupError:
-                    with contextlib.suppress(OSError):
-                        tmp.unlink()
-                except PermissionError:
-                    pass
-
-    def _make_room(self, need: int) -> None:
-        """Evict the least recently used shards of this cache folder beyond ``cache_max_gb``."""
-        if not self.options.cache_max_gb:
-            return
-        assert self.folder is not None
-        budget = int(self.options.cache_max_gb * 1e9)
-        files = []
-        for path in self.folder.glob("*.tar"):
-            with contextlib.suppress(FileNotFoundError):
-                st = path.stat()
-                files.append((st.st_mtime, st.st_size, path))
-        used = sum(f[1] for f in files)
-        for _, size, path in sorted(files):
-            if used + need <= budget:
-                break
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()  # a process that has it mapped keeps reading it (POSIX)
-                used -= size
-                with self._lock:
-                    self.counters["cache_evictions"] += 1
-
-    # ---- skipping ------------------------------------------------------------------------------
-
-    def _marker(self, index: int) -> Path:
-        assert self.folder is not None
-        return self.folder / f"{self.name(index)}.bad"
-
-    def _peer_verdict(self, index: int) -> str | None:
-        if not self.options.skip_bad_shards:
-            return None
-        marker = self._marker(index)
-        try:
-            if marker.stat().st_mtime >= _PROCESS_START - _BAD_MARKER_GRACE_S:
-                return (
-                    f"{self.describe(index)}: skipped by a process sharing the cache: "
-                    + marker.read_text()
-                )
-        except (FileNotFoundError, OSError):
-            pass
-        return None
-
-    def _write_marker(self, index: int, error: str) -> None:
-        marker = self._marker(index)
-        tmp = marker.with_name(f".{marker.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        with contextlib.suppress(OSError):
-            tmp.write_text(error, encoding="utf-8")
-            os.replace(tmp, marker)
-
-    def skip(self, index: int, error: str) -> None:
-        """Mark shard ``index`` bad (``skip_bad_shards``): logged once, its rows become empty."""
-        with self._lock:
-            first = index not in self.bad
-            self.bad[index] = error
-        if first:
-            logger.error(
-                "SKIPPING %s (data.skip_bad_shards=true): its %d samples become empty rows. %s",
-                self.describe(index),
-                self.source.shards[index]["num_samples"],
-                error,
+    Raises:
+        ValueError: not a non-empty list of ``{source, weight[, name]}`` mappings with a non-empty
+            source string and a weight > 0, or two sources with one name.
+    """
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError("data.train: a blend is a non-empty list of {source, weight} mappings")
+    entries: list[BlendEntry] = []
+    for i, item in enumerate(value):
+        where = f"data.train[{i}]"
+        if isinstance(item, BlendEntry):
+            entries.append(item)
+            continue
+        if not isinstance(item, Mapping):
+            raise ValueError(f"{where}: expected a mapping {{source, weight}}, got {item!r}")
+        unknown = set(item) - _ENTRY_KEYS
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_ENTRY_KEYS)}"
             )
+        source, weight = item.get("source"), item.get("weight", None)
+        if not isinstance(source, (str, Path)) or not str(source).strip():
+            raise ValueError(f"{where}.source: expected a non-empty string, got {source!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ValueError(f"{where}.weight: expected a number > 0, got {weight!r}")
+        name = item.get("name") or _default_name(str(source))
+        if not isinstance(name, str):
+            raise ValueError(f"{where}.name: expected a string, got {name!r}")
+        entries.append(BlendEntry(str(source), float(weight), name))
+    names = [e.name for e in entries]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(
+                f"data.train: two sources are named {name!r}; give them distinct `name:` keys"
+            )
+    return entries
+
+
+def check_same_tokenizer(named: Sequence[tuple[str, Manifest]]) -> None:
+    """All manifests must have one tokenizer (identity and special ids) and one sequence length.
+
+    Raises:
+        ValueError: naming both sources, the field and both values.
+    """
+    (first_name, first), *rest = named
+    for name, manifest in rest:
+        for key in _TOKENIZER_KEYS:
+            a, b = first.tokenizer.get(key), manifest.tokenizer.get(key)
+            if a != b:
+                raise ValueError(
+                    f"data.train blend: sources must share one tokenizer, but tokenizer {key} is "
+                    f"{a!r} in {first_name!r} ({first.location}) and {b!r} in {name!r} "
+                    f"({manifest.location})"
+                )
+        if first.seq_length != manifest.seq_length:
+            raise ValueError(
+                f"data.train blend: seq_length is {first.seq_length} in {first_name!r} "
+                f"({first.location}) but {manifest.seq_length} in {name!r} ({manifest.location})"
+            )
+
+
+def blend_manifest(value: Sequence[Any], options: SourceOptions | None = None) -> Manifest:
+    """The first source's manifest, after checking that every source has the same tokenizer."""
+    entries = parse_blend(value)
+    named = [(e.name, _source_manifest(e.source, options)) for e in entries]
+    check_same_tokenizer(named)
+    return named[0][1]
+
+
+def _source_manifest(spec: str, options: SourceOptions | None) -> Manifest:
+    return open_source(spec, None, options).manifest

@@ -252,6 +252,19 @@ def iter_dataset_rows(
         ValueError: ``datasets`` is not installed, the dataset cannot be loaded, or it has no
             column ``text_field``.
     """
+    ds = _open_dataset(source, text_field)
+    row = 0
+    for batch in ds.iter(batch_size=batch_rows):
+        values = batch.get(text_field)
+        if values is None:
+            values = [_MISSING] * len(next(iter(batch.values()), []))
+        for value in values:
+            row += 1
+            yield row, _row_text(value, text_field)
+
+
+def _open_dataset(source: HFDatasetInput, text_field: str) -> Any:
+    """The (streamed) dataset of ``source``, reduced to its column ``text_field``."""
     try:
         import datasets
     except ImportError as err:
@@ -277,28 +290,19 @@ def iter_dataset_rows(
         )
     if columns is not None and len(columns) > 1:
         ds = ds.select_columns([text_field])
-    row = 0
-    for batch in ds.iter(batch_size=batch_rows):
-        values = batch.get(text_field)
-        if values is None:
-            values = [_MISSING] * len(next(iter(batch.values()), []))
-        for value in values:
-            row += 1
-            if isinstance(value, str):
-                yield row, value.encode("utf-8", "surrogatepass")
-            elif value is None or value is _MISSING:
-                yield row, ("missing_field", f"no value in column {text_field!r}")
-            else:
-                yield (
-                    row,
-                    (
-                        "field_not_string",
-                        f"column {text_field!r} holds {type(value).__name__}, not a string",
-                    ),
-                )
+    return ds
 
 
 _MISSING = object()
+
+
+def _row_text(value: Any, text_field: str) -> bytes | tuple[str, str]:
+    """A row's text as UTF-8 bytes, or ``(reason, detail)`` when it has no string text."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass")
+    if value is None or value is _MISSING:
+        return ("missing_field", f"no value in column {text_field!r}")
+    return ("field_not_string", f"column {text_field!r} holds {type(value).__name__}, not a string")
 
 
 def decode_row(raw: bytes) -> str:
@@ -385,29 +389,33 @@ def decode_record(raw: bytes, *, json_key: str | None, strip_newline: bool = Fal
     if json_key is None and not text.strip():
         raise BadRecord("blank_line" if strip_newline else "empty_text")
     if json_key is not None:
-        if not text.strip():
-            raise BadRecord("blank_line")
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise BadRecord(
-                "malformed_json", f"malformed JSON ({err.msg}, column {err.colno})"
-            ) from None
-        if not isinstance(obj, dict) or json_key not in obj:
-            raise BadRecord("missing_field", f"no field {json_key!r} in the JSON record")
-        text = obj[json_key]
-        if not isinstance(text, str):
-            raise BadRecord(
-                "field_not_string", f"field {json_key!r} is {type(text).__name__}, not a string"
-            )
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise BadRecord(
-                "undecodable", "the JSON string holds a lone surrogate escape"
-            ) from None
+        text = _json_text(text, json_key)
     if not text.strip():
         raise BadRecord("empty_text")
+    return text
+
+
+def _json_text(line: str, json_key: str) -> str:
+    """The string under ``json_key`` of one JSONL line (``BadRecord`` as ``decode_record``)."""
+    if not line.strip():
+        raise BadRecord("blank_line")
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise BadRecord(
+            "malformed_json", f"malformed JSON ({err.msg}, column {err.colno})"
+        ) from None
+    if not isinstance(obj, dict) or json_key not in obj:
+        raise BadRecord("missing_field", f"no field {json_key!r} in the JSON record")
+    text = obj[json_key]
+    if not isinstance(text, str):
+        raise BadRecord(
+            "field_not_string", f"field {json_key!r} is {type(text).__name__}, not a string"
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRecord("undecodable", "the JSON string holds a lone surrogate escape") from None
     return text
 
 
@@ -513,10 +521,21 @@ def load_tokenizer(name_or_path: str | Path) -> tuple[Any, TokenizerInfo]:
     Raises:
         ValueError: the tokenizer cannot be loaded, is not a fast tokenizer, or has no EOS token.
     """
-    from tokenizers import Tokenizer
-
     path = Path(name_or_path)
-    specials: dict[str, str | None] = {}
+    tok, specials, kind, files = _open_tokenizer(name_or_path)
+    files_sha = {p.name: _sha256_file(p) for p in files if p.is_file()}
+    ident = str(path.resolve()) if path.exists() else str(name_or_path)
+    tok.no_truncation()
+    tok.no_padding()
+    info = _make_info(tok, specials, ident, kind, files_sha)
+    tok.encode_special_tokens = True
+    return tok, info
+
+
+def _open_tokenizer(name_or_path: str | Path) -> tuple[Any, dict[str, Any], str, list[Path]]:
+    """``(tokenizer, special tokens, kind, the files that define it)`` (see ``load_tokenizer``)."""
+    path = Path(name_or_path)
+    specials: dict[str, Any] = {}
     files: list[Path] = []
     if path.is_file():
         tok, kind, files = _tokenizer_from_file(path), "tokenizer.json", [path]
@@ -535,13 +554,7 @@ def load_tokenizer(name_or_path: str | Path) -> tuple[Any, TokenizerInfo]:
     else:
         tok, specials, kind = _load_with_transformers(str(name_or_path), local=path.is_dir())
         files = [path / n for n in _TOKENIZER_FILES] if path.is_dir() else []
-    files_sha = {p.name: _sha256_file(p) for p in files if p.is_file()}
-    ident = str(path.resolve()) if path.exists() else str(name_or_path)
-    tok.no_truncation()
-    tok.no_padding()
-    info = _make_info(tok, specials, ident, kind, files_sha)
-    tok.encode_special_tokens = True
-    return tok, info
+    return tok, specials, kind, files
 
 
 def _tokenizer_from_file(path: Path) -> Any:
@@ -706,12 +719,21 @@ def train_bpe_tokenizer(
     Raises:
         ValueError: ``vocab_size`` too small, bad records (unless ``skip_bad``), empty input.
     """
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        specials = len(SPECIAL_TOKENS)
+        raise ValueError(f"vocab_size={vocab_size} is below 256 byte symbols + {specials} specials")
+    tok, trainer = _byte_level_bpe(vocab_size, min_frequency)
+    texts = iter_texts(inputs, json_key=json_key, text_mode=text_mode, skip_bad=skip_bad)
+    tok.train_from_iterator(texts, trainer)
+    out = _save_tokenizer_folder(tok, output)
+    logger.info("trained byte-level BPE: vocab %d -> %s", tok.get_vocab_size(), out)
+    return out
+
+
+def _byte_level_bpe(vocab_size: int, min_frequency: int) -> tuple[Any, Any]:
+    """An empty byte-level BPE tokenizer and its trainer (the four specials first)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(
-            f"vocab_size={vocab_size} is below 256 byte symbols + {len(SPECIAL_TOKENS)} specials"
-        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -722,11 +744,7 @@ def train_bpe_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    texts = iter_texts(inputs, json_key=json_key, text_mode=text_mode, skip_bad=skip_bad)
-    tok.train_from_iterator(texts, trainer)
-    out = _save_tokenizer_folder(tok, output)
-    logger.info("trained byte-level BPE: vocab %d -> %s", tok.get_vocab_size(), out)
-    return out
+    return tok, trainer
 
 
 def save_word_tokenizer(symbols: Sequence[str], output: str | Path) -> Path:
@@ -902,6 +920,17 @@ class DocumentEncoder:
         digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=self.hash_key).digest()
         return int.from_bytes(digest, "little") / 2.0**64 < self.valid_fraction
 
+    def _document(self, raw: Any, json_mode: bool, strip_newline: bool, rows: bool) -> str:
+        """The (detokenized) document of one record; ``BadRecord`` when it gives none."""
+        if rows:
+            if isinstance(raw, tuple):
+                raise BadRecord(*raw)
+            text = decode_row(raw)
+        else:
+            json_key = self.json_key if json_mode else None
+            text = decode_record(raw, json_key=json_key, strip_newline=strip_newline)
+        return self.detokenize(text) if self.detokenize is not None else text
+
     def encode(
         self,
         file_index: int,
@@ -919,19 +948,7 @@ class DocumentEncoder:
         rejected: list[tuple[int, str, str]] = []
         for line, raw in records:
             try:
-                if rows:
-                    if isinstance(raw, tuple):
-                        raise BadRecord(*raw)
-                    text = decode_row(raw)
-                else:
-                    text = decode_record(
-                        raw,
-                        json_key=self.json_key if json_mode else None,
-                        strip_newline=strip_newline,
-                    )
-                if self.detokenize is not None:
-                    text = self.detokenize(text)
-                texts.append(text)
+                texts.append(self._document(raw, json_mode, strip_newline, rows))
             except BadRecord as bad:
                 rejected.append((line + bad.line_offset, bad.reason, bad.detail))
         pieces = self._encode_texts(texts)

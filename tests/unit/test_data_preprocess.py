@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from megatron_lomdm.data import preprocess as preprocess_mod
 from megatron_lomdm.data import shards as shards_mod
+from megatron_lomdm.data import writer as writer_mod
 from megatron_lomdm.data.demo_corpus import write_demo_corpus
 from megatron_lomdm.data.shards import (
     check_tokenizer_compat,
@@ -316,17 +318,17 @@ def test_crash_leaves_no_complete_output(
 ) -> None:
     out, tmp = tmp_path / "out", tmp_path / ".out.incomplete"
     calls = {"n": 0}
-    real_flush = shards_mod._SplitWriter._flush_block
+    real_flush = writer_mod.SplitWriter._flush_block
 
-    def crashing_flush(self: shards_mod._SplitWriter) -> None:
+    def crashing_flush(self: writer_mod.SplitWriter) -> None:
         calls["n"] += 1
         if calls["n"] == 12:
             raise RuntimeError("simulated crash")
         real_flush(self)
 
     # a hard crash (SIGKILL): no cleanup runs, the temporary folder stays behind
-    monkeypatch.setattr(shards_mod._SplitWriter, "_flush_block", crashing_flush)
-    monkeypatch.setattr(shards_mod.shutil, "rmtree", lambda *a, **k: None)
+    monkeypatch.setattr(writer_mod.SplitWriter, "_flush_block", crashing_flush)
+    monkeypatch.setattr(preprocess_mod.shutil, "rmtree", lambda *a, **k: None)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _run(corpus, [corpus["text"]], out, shard_size_mb=0.02)
     assert not out.exists() and tmp.is_dir()

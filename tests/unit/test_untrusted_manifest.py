@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from megatron_lomdm.data.shards import read_manifest
-from megatron_lomdm.data.sources import ShardStore, SourceOptions, open_source, parse_spec
+from megatron_lomdm.data.cache import ShardStore
+from megatron_lomdm.data.sources import SourceOptions, open_source, parse_spec
 
 
 def _hostile_copy(shards: Path, folder: Path, name: str) -> Path:
