@@ -923,8 +923,6 @@ def build_native_tp1(cfg: Any, full: Mapping[str, torch.Tensor] | None) -> Any:
 def native_outputs(model: Any, batch: Mapping[str, torch.Tensor]) -> StateDict:
     """The native model's logits (true vocab), features and reverse exponents (lomdm, genmd4,
     multivariate) on CPU."""
-    from megatron_lomdm.diffusion.multivariate import MultivariateFamily
-
     device = next(model.parameters()).device
     ids = batch["input_ids"].to(device)
     valid = batch["attention_mask"].to(device).bool()
@@ -939,7 +937,7 @@ def native_outputs(model: Any, batch: Mapping[str, torch.Tensor]) -> StateDict:
 
         out["reverse_exponents"] = expected_token_rate_vocab_parallel(
             logits, model.family.token_exponents(), model.backbone.mask_id)
-    elif isinstance(model.family, MultivariateFamily):  # context-free: e_R = e_F = w
+    elif model.family.denoiser_exponents:  # context-free per-position exponents (multivariate): e_R = e_F = w
         out["reverse_exponents"] = model.family.exponents(valid)
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 

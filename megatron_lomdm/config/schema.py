@@ -5,26 +5,17 @@ the value and the docs render. Checks that need only one section live in that se
 `__post_init__`; checks that need the world size live in `validate_for_world`.
 Values that come from the data manifest (vocab size, special ids, seq length) use sentinels
 (0 / -1) meaning "take it from `data.train`'s manifest".
+Family-specific rules (`diffusion.name`, c1/c2, K, order logits, block size) are not written here:
+they are each family's `FamilySpec` in `families.py`, which the family constructors check too.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
-FAMILY_NAMES = ("mdlm", "poly", "arm", "bd3lm", "genmd4", "lomdm", "multivariate")
+from megatron_lomdm.config.families import FAMILY_SPECS
+
 TIME_SAMPLERS = ("low_discrepancy", "ppots")
-
-
-# Constraints on the schedule constants, per family (the registry re-checks them at build time).
-_FAMILY_RULES = {
-    "lomdm": (lambda d: d.c1 > d.c2 >= 0, "diffusion.c1 > diffusion.c2 >= 0"),
-    "poly": (lambda d: d.c1 > 0, "diffusion.c1 > 0"),
-    "multivariate": (lambda d: d.c1 > d.c2 >= 0, "diffusion.c1 > diffusion.c2 >= 0"),
-}
-# Families whose forward schedule is learned by RLOO over diffusion.num_corruptions corruptions
-# (multivariate only with diffusion.learn_order); the registry re-checks K at build time.
-_LEARNED_FORWARD = ("lomdm", "genmd4", "multivariate")
 
 
 def _fail(key: str, msg: str) -> None:
@@ -151,21 +142,7 @@ class DiffusionConfig:
     refreshes of the per-bin sums); 0 uses only the last ppots_refresh steps. In [0, 1)."""
 
     def __post_init__(self) -> None:
-        if self.name not in FAMILY_NAMES:
-            _fail("diffusion.name", f"{self.name!r} is not one of {', '.join(FAMILY_NAMES)}")
-        rule = _FAMILY_RULES.get(self.name)
-        if rule is not None and not rule[0](self):
-            _fail("diffusion.c1", f"{self.name} needs {rule[1]}, got c1={self.c1}, c2={self.c2}")
-        if self.num_corruptions < 1:
-            _fail("diffusion.num_corruptions", f"must be >= 1, got {self.num_corruptions}")
-        learned = self.name in _LEARNED_FORWARD and (self.name != "multivariate" or self.learn_order)
-        if learned and self.num_corruptions < 2:
-            _fail("diffusion.num_corruptions",
-                  f"{self.name} learns its forward schedule with RLOO and needs K >= 2, got {self.num_corruptions}")
-        if self.name != "multivariate" and not self.learn_order:
-            _fail("diffusion.learn_order", f"only the multivariate family has order logits to freeze (name={self.name})")
-        if self.name != "multivariate" and self.order_logits:
-            _fail("diffusion.order_logits", f"only the multivariate family has order logits (name={self.name})")
+        self.check_family()
         for i, v in enumerate(self.order_logits):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) == float("inf"):
                 _fail(f"diffusion.order_logits[{i}]", f"expected a finite number, got {v!r}")
@@ -185,6 +162,17 @@ class DiffusionConfig:
             _fail("diffusion.ppots_uniform_mix", f"must be in (0, 1], got {self.ppots_uniform_mix}")
         if not 0.0 <= self.ppots_decay < 1.0:
             _fail("diffusion.ppots_decay", f"must be in [0, 1), got {self.ppots_decay}")
+
+    def check_family(self, seq_length: int = 0) -> None:
+        """The family's own rules (``families.FamilySpec``): c1/c2, K, order logits, and with a
+        known ``seq_length`` (> 0) the ones that read it (bd3lm's block size)."""
+        spec = FAMILY_SPECS.get(self.name)
+        if spec is None:
+            _fail("diffusion.name", f"{self.name!r} is not one of {', '.join(FAMILY_SPECS)}")
+        settings = {**vars(self), **({"seq_length": seq_length} if seq_length else {})}
+        found = spec.problem(settings)
+        if found is not None:
+            _fail(*found)
 
 
 @dataclass(kw_only=True)
@@ -409,11 +397,7 @@ class Config:
         if d.order_logits and self.model.seq_length and len(d.order_logits) != self.model.seq_length:
             _fail("diffusion.order_logits",
                   f"has {len(d.order_logits)} values, expected one per position (model.seq_length={self.model.seq_length})")
-        if self.diffusion.name == "bd3lm" and self.model.seq_length and self.model.seq_length % self.diffusion.block_size:
-            _fail(
-                "diffusion.block_size",
-                f"{self.diffusion.block_size} does not divide model.seq_length={self.model.seq_length}",
-            )
+        d.check_family(self.model.seq_length)
 
 
 def validate_for_world(cfg: Config, world_size: int) -> int:

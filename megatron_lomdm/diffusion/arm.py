@@ -16,13 +16,15 @@ Shape legend:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
+from megatron_lomdm.config.families import ARM
 from megatron_lomdm.diffusion.bd3lm import SlotFamily
 
 
 class ARMFamily(SlotFamily):
     """Autoregressive order as a slot schedule with one position per slot (``arm``)."""
+
+    spec = ARM
+    autoregressive = True
 
     def __init__(self, *, seq_length: int, mask_id: int) -> None:
         """Build the schedule.
@@ -32,20 +34,3 @@ class ARMFamily(SlotFamily):
             mask_id: Token id of [MASK].
         """
         super().__init__(block_size=1, seq_length=seq_length, mask_id=mask_id)
-
-    @classmethod
-    def from_config(
-        cls,
-        *,
-        c1: float,
-        c2: float,
-        block_size: int,
-        vocab_size: int,
-        seq_length: int,
-        mask_id: int,
-        num_corruptions: int,
-        learn_order: bool,
-        order_logits: Sequence[float],
-    ) -> ARMFamily:
-        """Build from ``diffusion.*``; no family-specific setting is used."""
-        return cls(seq_length=seq_length, mask_id=mask_id)

@@ -22,11 +22,15 @@ Shape legend:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from megatron_lomdm.config.families import FamilySpec
+from megatron_lomdm.diffusion.reverse import FamilyReverse, ReverseSchedule
 
 # method.md §3.6: velocities are clamped to >= 1e-6 before any log.
 VELOCITY_FLOOR = 1e-6
@@ -35,29 +39,6 @@ VELOCITY_FLOOR = 1e-6
 # t == 1 (reachable by fp32 rounding of the time sampler) gives a finite log(alpha) ~ -69
 # and finite gradients instead of log(0).
 _LOG_MASK_PROB_CAP = -1e-30
-
-
-def check_num_corruptions(family: str, num_corruptions: int) -> int:
-    """Validate K for a family that learns its forward schedule by RLOO (method.md §3.4).
-
-    The leave-one-out baseline needs at least one other corruption of the same (x, t).
-
-    Args:
-        family: The family's ``diffusion.name`` (for the message).
-        num_corruptions: K from ``diffusion.num_corruptions``.
-
-    Returns:
-        K as an int.
-
-    Raises:
-        ValueError: Unless K is an integer >= 2; the message names the key.
-    """
-    if isinstance(num_corruptions, bool) or int(num_corruptions) != num_corruptions or num_corruptions < 2:
-        raise ValueError(
-            f"the {family} family learns its forward schedule with RLOO and needs "
-            f"diffusion.num_corruptions >= 2, got {num_corruptions!r}"
-        )
-    return int(num_corruptions)
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -127,9 +108,15 @@ class DiffusionFamily(nn.Module):
     """One member of the OeMDM family (method.md §2): a forward and a reverse scheduler.
 
     Subclasses implement ``forward_schedule`` and ``reverse_velocity`` and set the class
-    attributes that tell the training step which extra inputs the family needs.
+    attributes that tell the training step which extra inputs the family needs. What samplers
+    need comes from the family too: its reverse schedule (``reverse_schedule``) and how one
+    backbone pass becomes the sampler's logits and exponents (``denoiser_outputs``). Its
+    settings rules are its ``spec`` (``config.families``), checked by the config and by the
+    constructor; ``from_config`` passes each family the settings its constructor names.
 
     Attributes:
+        spec: The registered family's settings schema (``diffusion.name`` and rules); set by
+            every concrete family.
         needs_clean_features: The step must run a no-grad backbone pass on clean x and feed
             the forward scheduler head's logits to ``forward_schedule`` (LoMDM).
         needs_reverse_head: The step must feed reverse scheduler head logits computed from
@@ -138,18 +125,26 @@ class DiffusionFamily(nn.Module):
             with w = ``token_exponents()`` to ``reverse_velocity`` (GenMD4).
         num_corruptions: Corruptions K per sequence (an instance attribute where it is set
             from ``diffusion.num_corruptions``): >= 2 when the forward scheduler is learnable
-            so that the RLOO score-function term applies (``check_num_corruptions``), else 1.
+            so that the RLOO score-function term applies (``spec`` checks it), else 1.
         needs_time_floor: The NELBO estimator's weights grow like 1/t as t -> 0, so training
             and evaluation draw t in [eps_t, 1] (method.md §3.6). False where the estimator is
             bounded (slot families): t is then drawn uniform on [0, 1), which keeps the
             estimate exactly unbiased.
+        denoiser_exponents: ``denoiser_outputs`` returns reverse exponents e_R with the logits
+            (LoMDM, GenMD4, multivariate); otherwise the sampler's reverse schedule sets them.
+        autoregressive: The NELBO is the exact autoregressive NLL (ARM): position i is
+            predicted from the clean x_<i with every position >= i masked, so a sequence can be
+            scored exactly, one row per token (generative-perplexity judges).
     """
 
+    spec: ClassVar[FamilySpec]
     needs_clean_features: bool = False
     needs_reverse_head: bool = False
     needs_expected_rate: bool = False
     num_corruptions: int = 1
     needs_time_floor: bool = True
+    denoiser_exponents: bool = False
+    autoregressive: bool = False
 
     def __init__(self, *, seq_length: int, mask_id: int) -> None:
         """Store the sequence length and [MASK] id shared by all families.
@@ -163,40 +158,21 @@ class DiffusionFamily(nn.Module):
         self.mask_id = mask_id
 
     @classmethod
-    def from_config(
-        cls,
-        *,
-        c1: float,
-        c2: float,
-        block_size: int,
-        vocab_size: int,
-        seq_length: int,
-        mask_id: int,
-        num_corruptions: int,
-        learn_order: bool,
-        order_logits: Sequence[float],
-    ) -> DiffusionFamily:
-        """Validate the ``diffusion.*`` settings this family uses and build it.
+    def from_config(cls, **settings: Any) -> DiffusionFamily:
+        """Build from ``diffusion.*`` settings plus ``seq_length``, ``mask_id`` and ``vocab_size``.
 
-        Args:
-            c1: Mean exponent (power families).
-            c2: Exponent spread (LoMDM, multivariate).
-            block_size: Block length L' (BD3LM).
-            vocab_size: Vocabulary size V including [MASK].
-            seq_length: Sequence length L.
-            mask_id: Token id of [MASK].
-            num_corruptions: K corruptions per sequence (families with a learnable forward
-                schedule; context-free families ignore it and use 1).
-            learn_order: Train the order logits (multivariate).
-            order_logits: Initial order logits, length L or empty (multivariate).
+        A family declares what it takes by its constructor's keyword arguments; it gets exactly
+        those (its defaults fill the ones not given) and ignores the rest, so one config can
+        switch ``diffusion.name``. The constructor checks them against ``spec``.
 
         Returns:
             The family.
 
         Raises:
-            ValueError: If a setting is invalid for this family.
+            ValueError: If a setting is invalid for this family; the message names the key.
         """
-        raise NotImplementedError
+        takes = inspect.signature(cls.__init__).parameters
+        return cls(**{key: value for key, value in settings.items() if key in takes})
 
     # ----------------------------------------------------------------------------------
     # Interface implemented by each family.
@@ -263,6 +239,34 @@ class DiffusionFamily(nn.Module):
             The log-prob of the true token under the OeMDM denoiser, (K, B, L).
         """
         return logp_true_KBL
+
+    # ----------------------------------------------------------------------------------
+    # What samplers need (method.md §3.5).
+    # ----------------------------------------------------------------------------------
+
+    def reverse_schedule(self) -> ReverseSchedule:
+        """The context-free reverse schedule a sampler steps with (fp64, ``diffusion.reverse``).
+
+        Raises:
+            ValueError: If the family has none.
+        """
+        raise ValueError(f"no reverse schedule for family type {type(self).__name__}")
+
+    def denoiser_outputs(
+        self, logits_BLV: Tensor, hidden_BLD: Tensor, *, rev_head: nn.Module | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """One backbone pass -> what a sampler draws from (``sampling.DenoiserOutput``'s fields).
+
+        Args:
+            logits_BLV: Full-vocabulary backbone logits of z_t, (B, L, V).
+            hidden_BLD: The same pass's final hidden states, (B, L, D).
+            rev_head: The reverse scheduler head g_psi (``needs_reverse_head`` families).
+
+        Returns:
+            ``(logits_BLV, e_R)``: the logits to draw tokens from and the reverse exponents
+            (B, L), or None where the sampler's reverse schedule sets them (the default).
+        """
+        return logits_BLV, None
 
     # ----------------------------------------------------------------------------------
     # The Monte-Carlo NELBO estimator (training and evaluation; samplers never use it).
@@ -390,8 +394,12 @@ class ContextFreeFamily(DiffusionFamily):
     """A family whose schedule ignores the input (u = empty): alpha_F = alpha_R.
 
     The reverse velocity is the forward velocity evaluated at the same t, so the velocity
-    term is exactly 0 (method.md §1.7).
+    term is exactly 0 (method.md §1.7), and a sampler steps with ``schedule`` itself.
     """
+
+    def reverse_schedule(self) -> ReverseSchedule:
+        """See ``DiffusionFamily.reverse_schedule``: alpha_R = alpha_F (``FamilyReverse``)."""
+        return FamilyReverse(self)
 
     def schedule(self, t_N: Tensor) -> ForwardSchedule:
         """The input-free schedule at times t_N for all ``seq_length`` positions.

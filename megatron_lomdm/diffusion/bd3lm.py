@@ -41,12 +41,12 @@ Shape legend:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from megatron_lomdm.config.families import BD3LM, BLOCKS_DIVIDE
 from megatron_lomdm.diffusion.base import ContextFreeFamily, ForwardSchedule, compute_dtype
 
 
@@ -85,11 +85,7 @@ class SlotFamily(ContextFreeFamily):
         Raises:
             ValueError: If block_size does not divide seq_length.
         """
-        if block_size < 1 or seq_length % block_size != 0:
-            raise ValueError(
-                f"diffusion.block_size must be a positive divisor of seq_length={seq_length}, "
-                f"got {block_size}"
-            )
+        BLOCKS_DIVIDE.check(type(self).__name__, block_size=block_size, seq_length=seq_length)
         super().__init__(seq_length=seq_length, mask_id=mask_id)
         self.block_size = block_size
         self.num_blocks = seq_length // block_size
@@ -229,19 +225,4 @@ class SlotFamily(ContextFreeFamily):
 class BD3LMFamily(SlotFamily):
     """Block diffusion with block size L' (``diffusion.name: bd3lm``)."""
 
-    @classmethod
-    def from_config(
-        cls,
-        *,
-        c1: float,
-        c2: float,
-        block_size: int,
-        vocab_size: int,
-        seq_length: int,
-        mask_id: int,
-        num_corruptions: int,
-        learn_order: bool,
-        order_logits: Sequence[float],
-    ) -> BD3LMFamily:
-        """Build from ``diffusion.*``; uses block_size, which must divide seq_length."""
-        return cls(block_size=block_size, seq_length=seq_length, mask_id=mask_id)
+    spec = BD3LM

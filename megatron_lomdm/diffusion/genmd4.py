@@ -22,19 +22,20 @@ Shape legend:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from megatron_lomdm.config.families import GENMD4
 from megatron_lomdm.diffusion.base import (
     VELOCITY_FLOOR,
     DiffusionFamily,
     ForwardSchedule,
-    check_num_corruptions,
     compute_dtype,
     power_schedule,
 )
+from megatron_lomdm.diffusion.reverse import PowerReverse, ReverseSchedule
+from megatron_lomdm.diffusion.subs import expected_token_rate
 
 # GenMD4's `power_init`: every w_v starts at 1 (the MDLM schedule).
 _POWER_INIT = 1.0
@@ -43,7 +44,9 @@ _POWER_INIT = 1.0
 class GenMD4Family(DiffusionFamily):
     """GenMD4 (``diffusion.name: genmd4``): per-token-id learnable power schedule."""
 
+    spec = GENMD4
     needs_expected_rate = True
+    denoiser_exponents = True
 
     def __init__(
         self, *, vocab_size: int, seq_length: int, mask_id: int, num_corruptions: int = 2
@@ -59,34 +62,12 @@ class GenMD4Family(DiffusionFamily):
         Raises:
             ValueError: Unless K >= 2.
         """
-        num_corruptions = check_num_corruptions("genmd4", num_corruptions)
+        self.spec.check(num_corruptions=num_corruptions)
         super().__init__(seq_length=seq_length, mask_id=mask_id)
         self.vocab_size = vocab_size
-        self.num_corruptions = num_corruptions
+        self.num_corruptions = int(num_corruptions)
         raw_init = math.log(math.expm1(_POWER_INIT))  # softplus^-1(power_init)
         self.raw_exponent_V = nn.Parameter(torch.full((vocab_size,), raw_init))
-
-    @classmethod
-    def from_config(
-        cls,
-        *,
-        c1: float,
-        c2: float,
-        block_size: int,
-        vocab_size: int,
-        seq_length: int,
-        mask_id: int,
-        num_corruptions: int,
-        learn_order: bool,
-        order_logits: Sequence[float],
-    ) -> GenMD4Family:
-        """Build from ``diffusion.*``; uses vocab_size and num_corruptions."""
-        return cls(
-            vocab_size=vocab_size,
-            seq_length=seq_length,
-            mask_id=mask_id,
-            num_corruptions=num_corruptions,
-        )
 
     def token_exponents(self) -> Tensor:
         """The per-token exponents w = softplus(w_raw) in fp32 (fp64 if the parameter is), (V,).
@@ -133,3 +114,18 @@ class GenMD4Family(DiffusionFamily):
         log_a_BL = torch.log(sched.velocity_BL.clamp_min(VELOCITY_FLOOR))
         log_a_hat_KBL = torch.log(velocity_hat_KBL.clamp_min(VELOCITY_FLOOR))
         return logp_true_KBL + log_a_BL.unsqueeze(0) - log_a_hat_KBL
+
+    def reverse_schedule(self) -> ReverseSchedule:
+        """See ``DiffusionFamily.reverse_schedule``: 1 - t (w = 1, the initialisation) for the
+        token budget; the denoiser supplies e_R = E_mu[w] per position."""
+        return PowerReverse(1.0, requires_denoiser_exponents=True)
+
+    def denoiser_outputs(
+        self, logits_BLV: Tensor, hidden_BLD: Tensor, *, rev_head: nn.Module | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """See ``DiffusionFamily.denoiser_outputs``: e_R = sum_v softmax_SUBS(logits)_v w_v and
+        the logits tilted by log w, so tokens are drawn from x~_v ∝ w_v mu_v (method.md §2)."""
+        w_V = self.token_exponents()  # fp32
+        B, L, V = logits_BLV.shape
+        rate_BL = expected_token_rate(logits_BLV.reshape(B * L, V), w_V, self.mask_id)
+        return logits_BLV.float() + w_V.log(), rate_BL.view(B, L)

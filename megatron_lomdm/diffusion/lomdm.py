@@ -17,18 +17,17 @@ Shape legend:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from megatron_lomdm.config.families import LOMDM
 from megatron_lomdm.diffusion.base import (
     DiffusionFamily,
     ForwardSchedule,
-    check_num_corruptions,
     compute_dtype,
     power_schedule,
 )
+from megatron_lomdm.diffusion.reverse import PowerReverse, ReverseSchedule
 
 
 def normsig(logits_XL: Tensor, valid_XL: Tensor | None = None) -> Tensor:
@@ -51,11 +50,29 @@ def normsig(logits_XL: Tensor, valid_XL: Tensor | None = None) -> Tensor:
     return sig_XL - mean_X1
 
 
+def spread_exponents(c1: float, c2: float, logits_XL: Tensor, valid_XL: Tensor | None = None) -> Tensor:
+    """Exponents e = c1 + c2 NormSig(logits) (method.md §3.2), the one formula for LoMDM's
+    scheduler heads and the multivariate order logits.
+
+    Args:
+        c1: Mean exponent.
+        c2: Spread; with c1 > c2 >= 0 every exponent lies in (c1 - c2, c1 + c2).
+        logits_XL: Logits, positions last (already in the compute dtype).
+        valid_XL: Bool non-pad mask for NormSig's mean; None means all valid.
+
+    Returns:
+        The exponents, same shape and dtype, graph kept to the logits.
+    """
+    return c1 + c2 * normsig(logits_XL, valid_XL)
+
+
 class LoMDMFamily(DiffusionFamily):
     """LoMDM (``diffusion.name: lomdm``): forward head on clean x, reverse head on z_t."""
 
+    spec = LOMDM
     needs_clean_features = True
     needs_reverse_head = True
+    denoiser_exponents = True
 
     def __init__(
         self, *, c1: float, c2: float, seq_length: int, mask_id: int, num_corruptions: int = 2
@@ -72,34 +89,11 @@ class LoMDMFamily(DiffusionFamily):
         Raises:
             ValueError: Unless c1 > c2 >= 0 and K >= 2.
         """
-        if not (c1 > c2 >= 0):
-            raise ValueError(
-                f"the lomdm family needs diffusion.c1 > diffusion.c2 >= 0, got c1={c1}, c2={c2}"
-            )
-        num_corruptions = check_num_corruptions("lomdm", num_corruptions)
+        self.spec.check(c1=c1, c2=c2, num_corruptions=num_corruptions)
         super().__init__(seq_length=seq_length, mask_id=mask_id)
         self.c1 = float(c1)
         self.c2 = float(c2)
-        self.num_corruptions = num_corruptions
-
-    @classmethod
-    def from_config(
-        cls,
-        *,
-        c1: float,
-        c2: float,
-        block_size: int,
-        vocab_size: int,
-        seq_length: int,
-        mask_id: int,
-        num_corruptions: int,
-        learn_order: bool,
-        order_logits: Sequence[float],
-    ) -> LoMDMFamily:
-        """Build from ``diffusion.*``; uses c1, c2 and num_corruptions."""
-        return cls(
-            c1=c1, c2=c2, seq_length=seq_length, mask_id=mask_id, num_corruptions=num_corruptions
-        )
+        self.num_corruptions = int(num_corruptions)
 
     def exponents(self, logits_XL: Tensor, valid_XL: Tensor | None = None) -> Tensor:
         """Exponents e = c1 + c2 NormSig(logits), in fp32 (fp64 for fp64 logits).
@@ -112,7 +106,7 @@ class LoMDMFamily(DiffusionFamily):
             Exponents in (c1 - c2, c1 + c2), same shape, graph kept to the logits.
         """
         logits_XL = logits_XL.to(compute_dtype(logits_XL))
-        return self.c1 + self.c2 * normsig(logits_XL, valid_XL)
+        return spread_exponents(self.c1, self.c2, logits_XL, valid_XL)
 
     def forward_schedule(
         self,
@@ -141,3 +135,17 @@ class LoMDMFamily(DiffusionFamily):
             raise ValueError("the lomdm family needs rev_logits_KBL of shape (K, B, L)")
         e_rev_KBL = self.exponents(rev_logits_KBL, None if valid_BL is None else valid_BL[None])
         return e_rev_KBL / t_KB.to(e_rev_KBL.dtype).unsqueeze(-1)
+
+    def reverse_schedule(self) -> ReverseSchedule:
+        """See ``DiffusionFamily.reverse_schedule``: 1 - t^c1, the mean of e_R, which the
+        denoiser must supply per position (``requires_denoiser_exponents``)."""
+        return PowerReverse(self.c1, requires_denoiser_exponents=True)
+
+    def denoiser_outputs(
+        self, logits_BLV: Tensor, hidden_BLD: Tensor, *, rev_head: nn.Module | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """See ``DiffusionFamily.denoiser_outputs``: e_R = c1 + c2 NormSig(rev_head(hidden))
+        from the same pass (method.md §3.5)."""
+        if rev_head is None:
+            raise ValueError("the lomdm family needs rev_head to compute e_R")
+        return logits_BLV, self.exponents(rev_head(hidden_BLD))

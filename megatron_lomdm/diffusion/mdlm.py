@@ -12,13 +12,14 @@ Shape legend:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
+from megatron_lomdm.config.families import MDLM
 from megatron_lomdm.diffusion.poly import PowerFamily
 
 
 class MDLMFamily(PowerFamily):
     """MDLM, the power schedule with exponent 1 (``diffusion.name: mdlm``)."""
+
+    spec = MDLM
 
     def __init__(self, *, seq_length: int, mask_id: int) -> None:
         """Build the schedule.
@@ -28,20 +29,3 @@ class MDLMFamily(PowerFamily):
             mask_id: Token id of [MASK].
         """
         super().__init__(exponent=1.0, seq_length=seq_length, mask_id=mask_id)
-
-    @classmethod
-    def from_config(
-        cls,
-        *,
-        c1: float,
-        c2: float,
-        block_size: int,
-        vocab_size: int,
-        seq_length: int,
-        mask_id: int,
-        num_corruptions: int,
-        learn_order: bool,
-        order_logits: Sequence[float],
-    ) -> MDLMFamily:
-        """Build from ``diffusion.*``; no family-specific setting is used."""
-        return cls(seq_length=seq_length, mask_id=mask_id)

@@ -33,14 +33,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from megatron_lomdm.config.families import MULTIVARIATE
 from megatron_lomdm.diffusion.base import (
     ContextFreeFamily,
     ForwardSchedule,
-    check_num_corruptions,
     compute_dtype,
     power_schedule,
 )
-from megatron_lomdm.diffusion.lomdm import normsig
+from megatron_lomdm.diffusion.lomdm import spread_exponents
 
 
 class MultivariateFamily(ContextFreeFamily):
@@ -52,6 +52,9 @@ class MultivariateFamily(ContextFreeFamily):
             averages its gradient, PP trains it on the last stage, checkpoints save it.
         learn_order: Whether v is trained.
     """
+
+    spec = MULTIVARIATE
+    denoiser_exponents = True
 
     def __init__(
         self,
@@ -79,11 +82,9 @@ class MultivariateFamily(ContextFreeFamily):
             ValueError: For c1, c2, K or order logits that break the rules; the message names
                 the ``diffusion.*`` key.
         """
-        if not (c1 > c2 >= 0):
-            raise ValueError(
-                "the multivariate family needs diffusion.c1 > diffusion.c2 >= 0, "
-                f"got c1={c1}, c2={c2}"
-            )
+        # K only matters (and is only checked) when v is learned.
+        self.spec.check(c1=c1, c2=c2, learn_order=learn_order,
+                        **({"num_corruptions": num_corruptions} if learn_order else {}))
         logits = [float(v) for v in order_logits]
         if logits and len(logits) != seq_length:
             raise ValueError(
@@ -96,36 +97,9 @@ class MultivariateFamily(ContextFreeFamily):
         self.c1 = float(c1)
         self.c2 = float(c2)
         self.learn_order = bool(learn_order)
-        self.num_corruptions = (
-            check_num_corruptions("multivariate", num_corruptions) if learn_order else 1
-        )
+        self.num_corruptions = int(num_corruptions) if learn_order else 1
         init_L = torch.tensor(logits) if logits else torch.zeros(seq_length)
         self.order_logits_L = nn.Parameter(init_L, requires_grad=self.learn_order)
-
-    @classmethod
-    def from_config(
-        cls,
-        *,
-        c1: float,
-        c2: float,
-        block_size: int,
-        vocab_size: int,
-        seq_length: int,
-        mask_id: int,
-        num_corruptions: int,
-        learn_order: bool,
-        order_logits: Sequence[float],
-    ) -> MultivariateFamily:
-        """Build from ``diffusion.*``; uses c1, c2, num_corruptions, learn_order, order_logits."""
-        return cls(
-            c1=c1,
-            c2=c2,
-            seq_length=seq_length,
-            mask_id=mask_id,
-            learn_order=learn_order,
-            num_corruptions=num_corruptions,
-            order_logits=order_logits,
-        )
 
     def exponents(
         self, valid_XL: Tensor | None = None, dtype: torch.dtype | None = None
@@ -147,8 +121,8 @@ class MultivariateFamily(ContextFreeFamily):
         v_L = v_L.to(dtype or compute_dtype(v_L))
         v_L = v_L - v_L.mean()  # a common shift is a null direction, never a drift into saturation
         if valid_XL is None:
-            return self.c1 + self.c2 * normsig(v_L)
-        return self.c1 + self.c2 * normsig(v_L.expand(valid_XL.shape), valid_XL)
+            return spread_exponents(self.c1, self.c2, v_L)
+        return spread_exponents(self.c1, self.c2, v_L.expand(valid_XL.shape), valid_XL)
 
     def _exponents_BL(self, B: int, valid_BL: Tensor | None, dtype: torch.dtype) -> Tensor:
         """Per-sequence exponents (B, L); the one place both schedulers take them from."""
@@ -192,3 +166,12 @@ class MultivariateFamily(ContextFreeFamily):
         e_BL = self._exponents_BL(B, valid_BL, dtype)
         return power_schedule(e_BL.expand(K, B, self.seq_length).reshape(K * B, -1),
                               t_KB.reshape(K * B)).velocity_BL.view(K, B, self.seq_length)
+
+    def denoiser_outputs(
+        self, logits_BLV: Tensor, hidden_BLD: Tensor, *, rev_head: nn.Module | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """See ``DiffusionFamily.denoiser_outputs``: its per-position exponents w over all
+        positions (alpha_R = alpha_F = 1 - t^w), so every power-law sampler (ancestral, exact
+        Plackett-Luce) follows the learned order."""
+        e_L = self.exponents().detach()  # fp32, all positions (as lomdm's e_R)
+        return logits_BLV, e_L.expand(logits_BLV.shape[:-1]).to(logits_BLV.device)

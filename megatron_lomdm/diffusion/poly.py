@@ -12,17 +12,17 @@ Shape legend:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
+from megatron_lomdm.config.families import POLY
 from megatron_lomdm.diffusion.base import (
     ContextFreeFamily,
     ForwardSchedule,
     compute_dtype,
     power_schedule,
 )
+from megatron_lomdm.diffusion.reverse import PowerReverse, ReverseSchedule
 
 
 class PowerFamily(ContextFreeFamily):
@@ -49,9 +49,15 @@ class PowerFamily(ContextFreeFamily):
         )
         return power_schedule(exponent_NL, t_N)
 
+    def reverse_schedule(self) -> ReverseSchedule:
+        """See ``DiffusionFamily.reverse_schedule``: alpha_R = 1 - t^e (``PowerReverse``)."""
+        return PowerReverse(self.exponent)
+
 
 class PolyFamily(PowerFamily):
     """Polynomial MDM, alpha = 1 - t^c1 (``diffusion.name: poly``)."""
+
+    spec = POLY
 
     def __init__(self, *, c1: float, seq_length: int, mask_id: int) -> None:
         """Build the schedule.
@@ -64,24 +70,6 @@ class PolyFamily(PowerFamily):
         Raises:
             ValueError: If c1 <= 0.
         """
-        if not c1 > 0:
-            raise ValueError(f"diffusion.c1 must be > 0 for the poly family, got {c1}")
+        self.spec.check(c1=c1)
         super().__init__(exponent=c1, seq_length=seq_length, mask_id=mask_id)
         self.c1 = float(c1)
-
-    @classmethod
-    def from_config(
-        cls,
-        *,
-        c1: float,
-        c2: float,
-        block_size: int,
-        vocab_size: int,
-        seq_length: int,
-        mask_id: int,
-        num_corruptions: int,
-        learn_order: bool,
-        order_logits: Sequence[float],
-    ) -> PolyFamily:
-        """Build from ``diffusion.*``; uses c1 only."""
-        return cls(c1=c1, seq_length=seq_length, mask_id=mask_id)

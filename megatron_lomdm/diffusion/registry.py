@@ -1,9 +1,15 @@
-"""Family registry: the only place a ``diffusion.name`` string is resolved (design.md §3)."""
+"""Family registry: the only place a ``diffusion.name`` string is resolved (design.md §3).
+
+The names and the rules on each family's settings are ``config.families.FAMILY_SPECS`` (layer 0,
+so that the config can check them when it is loaded); here each name is bound to the family class
+whose ``spec`` it is. Import fails if the two sides disagree.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
+from megatron_lomdm.config.families import FAMILY_SPECS
 from megatron_lomdm.diffusion.arm import ARMFamily
 from megatron_lomdm.diffusion.base import DiffusionFamily
 from megatron_lomdm.diffusion.bd3lm import BD3LMFamily
@@ -14,44 +20,39 @@ from megatron_lomdm.diffusion.multivariate import MultivariateFamily
 from megatron_lomdm.diffusion.poly import PolyFamily
 
 FAMILIES: dict[str, type[DiffusionFamily]] = {
-    "mdlm": MDLMFamily,
-    "poly": PolyFamily,
-    "arm": ARMFamily,
-    "bd3lm": BD3LMFamily,
-    "genmd4": GenMD4Family,
-    "lomdm": LoMDMFamily,
-    "multivariate": MultivariateFamily,
+    cls.spec.name: cls
+    for cls in (
+        MDLMFamily,
+        PolyFamily,
+        ARMFamily,
+        BD3LMFamily,
+        GenMD4Family,
+        LoMDMFamily,
+        MultivariateFamily,
+    )
 }
+if list(FAMILIES) != list(FAMILY_SPECS):
+    raise ImportError(
+        f"diffusion.registry.FAMILIES {list(FAMILIES)} and config.families.FAMILY_SPECS "
+        f"{list(FAMILY_SPECS)} must name the same families in the same order"
+    )
 
 
 def build_family(
-    name: str,
-    *,
-    c1: float,
-    c2: float,
-    block_size: int,
-    vocab_size: int,
-    seq_length: int,
-    mask_id: int,
-    num_corruptions: int = 2,
-    learn_order: bool = True,
-    order_logits: Sequence[float] = (),
+    name: str, *, vocab_size: int, seq_length: int, mask_id: int, **settings: Any
 ) -> DiffusionFamily:
     """Build the OeMDM family named by ``diffusion.name``.
 
     Args:
         name: One of ``FAMILIES``.
-        c1: ``diffusion.c1``, mean exponent (poly, lomdm, multivariate).
-        c2: ``diffusion.c2``, exponent spread (lomdm, multivariate).
-        block_size: ``diffusion.block_size``, block length L' (bd3lm).
         vocab_size: Vocabulary size V including [MASK] (genmd4).
         seq_length: Sequence length L.
         mask_id: Token id of [MASK].
-        num_corruptions: ``diffusion.num_corruptions``, K >= 2 for the families that learn
-            their forward schedule (lomdm, genmd4, multivariate with learn_order); the
-            context-free families ignore it (K = 1).
-        learn_order: ``diffusion.learn_order`` (multivariate).
-        order_logits: ``diffusion.order_logits`` (multivariate).
+        **settings: ``diffusion.*`` settings (``c1``, ``c2``, ``block_size``,
+            ``num_corruptions``, ``learn_order``, ``order_logits``); each family takes the ones
+            its constructor names (``DiffusionFamily.from_config``) and its defaults fill the
+            others (K = 2 for the families that learn their forward schedule; the context-free
+            ones use K = 1).
 
     Returns:
         The family module (GenMD4 and multivariate hold learnable parameters; the others
@@ -69,13 +70,5 @@ def build_family(
     if not 0 <= mask_id < vocab_size:
         raise ValueError(f"mask_id={mask_id} must lie in [0, vocab_size={vocab_size})")
     return FAMILIES[name].from_config(
-        c1=c1,
-        c2=c2,
-        block_size=block_size,
-        vocab_size=vocab_size,
-        seq_length=seq_length,
-        mask_id=mask_id,
-        num_corruptions=num_corruptions,
-        learn_order=learn_order,
-        order_logits=order_logits,
+        vocab_size=vocab_size, seq_length=seq_length, mask_id=mask_id, **settings
     )

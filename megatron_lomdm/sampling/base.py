@@ -49,12 +49,12 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from megatron_lomdm.diffusion.base import ContextFreeFamily, DiffusionFamily
-from megatron_lomdm.diffusion.genmd4 import GenMD4Family
-from megatron_lomdm.diffusion.lomdm import LoMDMFamily
-from megatron_lomdm.diffusion.multivariate import MultivariateFamily
-from megatron_lomdm.diffusion.poly import PowerFamily
-from megatron_lomdm.diffusion.subs import expected_token_rate
+from megatron_lomdm.diffusion.base import DiffusionFamily
+from megatron_lomdm.diffusion.reverse import (  # noqa: F401  (re-exported; their home is diffusion/)
+    FamilyReverse,
+    PowerReverse,
+    ReverseSchedule,
+)
 
 # Rows of fp64 (rows, V) blocks processed at once (256 x 50k x 8 B = 100 MB per block).
 CHUNK_ROWS = 256
@@ -195,82 +195,8 @@ def confidence_score(logp_NV: Tensor, kind: str) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------
-# Context-free reverse schedules.
+# Context-free reverse schedules (``diffusion.reverse``; each family supplies its own).
 # --------------------------------------------------------------------------------------
-
-
-class ReverseSchedule(abc.ABC):
-    """A context-free reverse scheduler alpha_R(t) per position (fp64).
-
-    Attributes:
-        requires_denoiser_exponents: The family's reverse scheduler reads z_t (LoMDM,
-            GenMD4): a power-law sampler must get e_R from the denoiser; the schedule below
-            only sets the mean (used for the oracles' token budget).
-    """
-
-    requires_denoiser_exponents: bool = False
-
-    @abc.abstractmethod
-    def log_mask_prob(self, t: float, seq_length: int, device: torch.device) -> Tensor:
-        """log(1 - alpha_R(t)) per position, fp64, (L,); -inf where certainly clean."""
-
-    def unmask_prob(self, t: float, s: float, seq_length: int, device: torch.device) -> Tensor:
-        """P(unmasked at s | masked at t) = 1 - (1 - alpha(s)) / (1 - alpha(t)), (L,) fp64."""
-        lm_t_L = self.log_mask_prob(t, seq_length, device)
-        lm_s_L = self.log_mask_prob(s, seq_length, device)
-        p_L = -torch.expm1(lm_s_L - lm_t_L)
-        # where(): a position the schedule says is already clean at t unmasks now.
-        return torch.where(torch.isneginf(lm_t_L), 1.0, p_L).clamp(0.0, 1.0)
-
-    def keep_prob(self, t: float, seq_length: int, device: torch.device) -> Tensor:
-        """alpha_R(t) per position, fp64, (L,)."""
-        return -torch.expm1(self.log_mask_prob(t, seq_length, device))
-
-
-class PowerReverse(ReverseSchedule):
-    """alpha_R = 1 - t^e with one constant exponent e > 0 (MDLM e = 1, poly e = c1)."""
-
-    def __init__(self, exponent: float, *, requires_denoiser_exponents: bool = False) -> None:
-        """Build the schedule.
-
-        Args:
-            exponent: The constant exponent, > 0.
-            requires_denoiser_exponents: See ``ReverseSchedule``.
-
-        Raises:
-            ValueError: If exponent <= 0.
-        """
-        if not exponent > 0:
-            raise ValueError(f"the reverse exponent must be > 0, got {exponent}")
-        self.exponent = float(exponent)
-        self.requires_denoiser_exponents = requires_denoiser_exponents
-
-    def log_mask_prob(self, t: float, seq_length: int, device: torch.device) -> Tensor:
-        """See ``ReverseSchedule.log_mask_prob``: e log t."""
-        log_t = math.log(t) if t > 0 else -math.inf
-        return torch.full((seq_length,), self.exponent * log_t, dtype=_F64, device=device)
-
-
-class FamilyReverse(ReverseSchedule):
-    """The reverse scheduler of a context-free family (alpha_R = alpha_F), e.g. ARM, BD3LM."""
-
-    def __init__(self, family: ContextFreeFamily) -> None:
-        """Wrap the family.
-
-        Args:
-            family: A context-free family; its ``schedule(t)`` gives alpha per position.
-        """
-        self.family = family
-
-    def log_mask_prob(self, t: float, seq_length: int, device: torch.device) -> Tensor:
-        """See ``ReverseSchedule.log_mask_prob``; evaluates ``family.schedule`` in fp64."""
-        if seq_length != self.family.seq_length:
-            raise ValueError(
-                f"sequence length {seq_length} differs from the family's "
-                f"seq_length={self.family.seq_length}"
-            )
-        t_1 = torch.tensor([t], dtype=_F64, device=device)
-        return self.family.schedule(t_1).log_mask_prob_BL[0].detach()
 
 
 def reverse_schedule(
@@ -279,10 +205,9 @@ def reverse_schedule(
     """Resolve a sampler's ``family`` / ``exponent`` options to a reverse schedule.
 
     Args:
-        family: An OeMDM family. Power families (mdlm, poly) give ``PowerReverse``; other
-            context-free families (arm, bd3lm, multivariate) give ``FamilyReverse``; lomdm
-            and genmd4 give a ``PowerReverse`` with mean exponent c1 (lomdm) or 1 (genmd4)
-            that requires the denoiser to return e_R.
+        family: An OeMDM family; its ``reverse_schedule()`` (power families: ``PowerReverse``;
+            other context-free families: ``FamilyReverse``; lomdm and genmd4: a ``PowerReverse``
+            of their mean exponent that requires the denoiser to return e_R).
         exponent: A constant exponent instead of a family.
 
     Returns:
@@ -298,15 +223,7 @@ def reverse_schedule(
         return PowerReverse(exponent)
     if family is None:
         return None
-    if isinstance(family, PowerFamily):
-        return PowerReverse(family.exponent)
-    if isinstance(family, ContextFreeFamily):
-        return FamilyReverse(family)
-    if isinstance(family, LoMDMFamily):
-        return PowerReverse(family.c1, requires_denoiser_exponents=True)
-    if isinstance(family, GenMD4Family):
-        return PowerReverse(1.0, requires_denoiser_exponents=True)
-    raise ValueError(f"no reverse schedule for family type {type(family).__name__}")
+    return family.reverse_schedule()
 
 
 def power_unmask_prob(exponents_BL: Tensor, t: float, s: float) -> Tensor:
@@ -337,6 +254,9 @@ def denoiser_from_backbone(
 ) -> Denoiser:
     """Wrap ``backbone(z_BL) -> (logits_BLV, hidden_BLD)`` into a one-pass denoiser.
 
+    The family turns the pass into the sampler's logits and reverse exponents
+    (``DiffusionFamily.denoiser_outputs``):
+
     - lomdm: e_R = c1 + c2 NormSig(rev_head(hidden)) from the same pass (method.md §3.5).
     - genmd4: e_R = sum_v softmax_SUBS(logits)_v w_v and the logits are tilted by log w, so
       tokens are drawn from x~_v ∝ w_v mu_v (the OeMDM form of GenMD4, method.md §2).
@@ -356,22 +276,12 @@ def denoiser_from_backbone(
     Raises:
         ValueError: If a lomdm family gets no ``rev_head``.
     """
-    if isinstance(family, LoMDMFamily) and rev_head is None:
-        raise ValueError("the lomdm family needs rev_head to compute e_R")
+    if family.needs_reverse_head and rev_head is None:
+        raise ValueError(f"the {family.spec.name} family needs rev_head to compute e_R")
 
     def denoise(z_BL: Tensor) -> DenoiserOutput:
         logits_BLV, hidden_BLD = backbone(z_BL)
-        if isinstance(family, LoMDMFamily):
-            return DenoiserOutput(logits_BLV, family.exponents(rev_head(hidden_BLD)))
-        if isinstance(family, GenMD4Family):
-            w_V = family.token_exponents()  # fp32
-            B, L, V = logits_BLV.shape
-            rate_BL = expected_token_rate(logits_BLV.reshape(B * L, V), w_V, family.mask_id)
-            return DenoiserOutput(logits_BLV.float() + w_V.log(), rate_BL.view(B, L))
-        if isinstance(family, MultivariateFamily):
-            e_L = family.exponents().detach()  # fp32, all positions (as lomdm's e_R)
-            return DenoiserOutput(logits_BLV, e_L.expand(z_BL.shape).to(logits_BLV.device))
-        return DenoiserOutput(logits_BLV, None)
+        return DenoiserOutput(*family.denoiser_outputs(logits_BLV, hidden_BLD, rev_head=rev_head))
 
     return denoise
 

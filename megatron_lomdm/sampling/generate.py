@@ -48,9 +48,7 @@ from megatron.core import parallel_state
 from torch import Tensor
 
 from megatron_lomdm.data.shards import read_manifest
-from megatron_lomdm.diffusion.genmd4 import GenMD4Family
-from megatron_lomdm.diffusion.lomdm import LoMDMFamily
-from megatron_lomdm.diffusion.multivariate import MultivariateFamily
+from megatron_lomdm.diffusion.registry import FAMILIES
 from megatron_lomdm.sampling import SAMPLERS
 from megatron_lomdm.sampling.base import DenoiserOutput, Sampler, denoiser_from_backbone
 from megatron_lomdm.sampling.grids import GridSpec
@@ -105,7 +103,7 @@ class RunDenoiser:
         self.backbone = self.model.backbone
         self.true_vocab_size = int(self.backbone.true_vocab_size)
         self.mask_id = int(self.model.mask_id)
-        self.has_exponents = isinstance(self.family, (LoMDMFamily, GenMD4Family, MultivariateFamily))
+        self.has_exponents = self.family.denoiser_exponents
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.pp = parallel_state.get_pipeline_model_parallel_world_size()
         self.diagnostics = diagnostics
@@ -467,7 +465,7 @@ def ar_logprobs(run: Any, sequences: Sequence[Sequence[int]], *, use_ema: bool =
     Returns:
         Per sequence, the fp64 log-probabilities of all its tokens.
     """
-    if run.cfg.diffusion.name != "arm":
+    if not run.model.family.autoregressive:
         raise ValueError(f"the run is diffusion.name={run.cfg.diffusion.name}; exact AR scoring needs an arm run")
     L = run.cfg.model.seq_length
     mask_id, vocab = int(run.model.mask_id), int(run.model.backbone.true_vocab_size)
@@ -545,10 +543,10 @@ class RunJudge:
         from megatron_lomdm.training.evaluate import load_run_config, resolve_checkpoint
 
         cfg = load_run_config(self.run_dir)
-        if cfg.diffusion.name != "arm":
+        if not FAMILIES[cfg.diffusion.name].autoregressive:
             raise ValueError(f"judge run {run_dir} is diffusion.name={cfg.diffusion.name}; a run judge must be arm")
         self.step = resolve_checkpoint(self.run_dir, None)
-        self.describe = {"kind": "run", "path": str(self.run_dir.resolve()), "family": "arm",
+        self.describe = {"kind": "run", "path": str(self.run_dir.resolve()), "family": cfg.diffusion.name,
                          "checkpoint_step": self.step, "weights": "ema" if use_ema else "live",
                          "likelihood": "exact autoregressive"}
 
