@@ -25,10 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_lomdm.apps.evaluate import evaluate_run, read_eval_sequences  # noqa: E402
+from megatron_lomdm.apps.run import close_run, open_run  # noqa: E402
 from megatron_lomdm.diffusion.lomdm import LoMDMFamily  # noqa: E402
 from megatron_lomdm.diffusion.multivariate import MultivariateFamily  # noqa: E402
 from megatron_lomdm.models.scheduler_head import SchedulerHead  # noqa: E402
-from megatron_lomdm.training.evaluate import close_run, evaluate_run, open_run, read_eval_sequences  # noqa: E402
 
 
 def main() -> int:

@@ -106,10 +106,11 @@ def probe(run_dir: str, pos_a: list[int], pos_b: list[int], num_samples: int) ->
     """Forward exponent gap on validation rows and ancestral orders; writes RUN/order_probe.json."""
     import torch
 
+    from megatron_lomdm.apps.evaluate import read_eval_sequences
+    from megatron_lomdm.apps.run import close_run, open_run, weights
     from megatron_lomdm.sampling import build_sampler
     from megatron_lomdm.sampling.generate import generate, sampler_options
     from megatron_lomdm.sampling.metrics import order_agreement
-    from megatron_lomdm.training.evaluate import close_run, open_run, read_eval_sequences, weights
 
     run = open_run(run_dir)
     model, family, L = run.model, run.model.family, run.cfg.model.seq_length
@@ -228,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe:
         probe(args.probe, json.loads(args.probe_a), json.loads(args.probe_b), args.probe_samples)
         return 0
-    from megatron_lomdm.config.schema import FAMILY_NAMES
+    from megatron_lomdm.config.families import FAMILY_SPECS
 
-    runnable = [v for v in VARIANTS if VARIANTS[v][1][0].split("=")[1] in FAMILY_NAMES]
+    runnable = [v for v in VARIANTS if VARIANTS[v][1][0].split("=")[1] in FAMILY_SPECS]
     variants = [v for v in args.variants if v in runnable]
     out = Path(args.out_dir)
     t0 = time.time()

@@ -7,7 +7,7 @@
 The JSON has nelbo (per token, velocity term included), ppl = exp(nelbo), main, velocity,
 num_tokens, num_sequences, t_draws and a fingerprint (checkpoint step + sha256 of its files, data
 manifest fingerprint, t draws, weights, seed, precision, layout); see
-megatron_lomdm/training/evaluate.py for the protocol.
+megatron_lomdm/apps/evaluate.py for the protocol.
 
 For ARM and BD3LM the NELBO's Monte-Carlo estimate has finite variance (see
 megatron_lomdm/diffusion/bd3lm.py); ``--exact-ar`` adds an ARM run's exact AR NLL beside it.
@@ -22,9 +22,7 @@ Exit codes: 0 done, 2 bad input (no run/checkpoint, bad data, bad option).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 
@@ -56,56 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _exact_ar(run, args: argparse.Namespace) -> dict:
-    """Exact AR NLL per token of the eval set under an ARM run (same sequences as the NELBO)."""
-    import math
-
-    from megatron_lomdm.sampling.generate import ar_logprobs
-    from megatron_lomdm.training.evaluate import read_eval_sequences
-
-    seqs = read_eval_sequences(run, data=args.data, split=args.split, max_sequences=args.max_sequences)
-    rows = ar_logprobs(run, seqs, use_ema=args.ema)
-    count = sum(len(r) for r in rows)
-    nll = -sum(float(r.sum()) for r in rows) / max(count, 1)
-    return {"nll": nll, "ppl": math.exp(nll), "num_tokens": count}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from megatron_lomdm.training.evaluate import RunNotReady, close_run, evaluate_run, is_rank0, open_run
+    from megatron_lomdm.apps.evaluate import main as evaluate_main  # the work: megatron_lomdm/apps/evaluate.py
 
-    try:
-        run = open_run(args.run_dir, checkpoint=args.checkpoint, overrides=args.overrides)
-        if args.score_jsonl is not None:
-            from megatron_lomdm.sampling.generate import score_jsonl
-
-            lines = score_jsonl(run, args.score_jsonl, use_ema=args.ema)
-            if is_rank0():
-                text = "".join(json.dumps(line) + "\n" for line in lines)
-                if args.score_out:
-                    Path(args.score_out).write_text(text)
-                else:
-                    sys.stdout.write(text)
-            close_run()
-            return 0
-        result = evaluate_run(run, data=args.data, split=args.split, t_draws=args.t_draws, use_ema=args.ema,
-                              micro_batch_size=args.micro_batch_size, seed=args.seed,
-                              max_sequences=args.max_sequences, hash_checkpoint=not args.no_hash)
-        report = result.to_dict()
-        if args.exact_ar:
-            report["exact_ar"] = _exact_ar(run, args)
-    except (RunNotReady, ValueError, FileNotFoundError) as err:
-        sys.stderr.write(f"evaluate.py: {err}\n")
-        return EXIT_BAD_INPUT
-    if is_rank0():
-        text = json.dumps(report, indent=None)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text + "\n")
-        sys.stdout.write(text + "\n")
-        sys.stdout.flush()
-    close_run()
-    return 0
+    return evaluate_main(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,134 @@
+"""Fingerprinted samples from a trained run: ``tools/sample.py`` after its flags are parsed.
+
+``main`` opens the run (``apps.run.open_run``) and the judge, ``write_samples`` draws the samples
+with ``sampling.generate`` and writes the JSONL, the ``.order.png`` heat map and the
+``.summary.json`` (also printed) on rank 0. The flags are documented in ``tools/sample.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from megatron_lomdm.apps.fingerprint import run_fingerprint
+from megatron_lomdm.apps.run import RunNotReady, broadcast_object, close_run, is_rank0, open_run
+from megatron_lomdm.sampling import SAMPLERS, build_sampler
+from megatron_lomdm.sampling.generate import (
+    generate,
+    judge_gen_ppl,
+    load_run_tokenizer,
+    make_judge,
+    order_report,
+    prefix_token_ids,
+    sample_entropies,
+    sampler_options,
+    sampler_record,
+)
+from megatron_lomdm.sampling.grids import GridSpec
+
+EXIT_BAD_INPUT = 2
+
+
+def grid_spec(args: argparse.Namespace, default_t_min: float | None) -> GridSpec | None:
+    """The time grid the flags ask for (``--grid*``), or None for the sampler's own."""
+    if args.grid is None and args.grid_t_min is None:
+        return None
+    t_min = args.grid_t_min if args.grid_t_min is not None else (default_t_min or 0.0)
+    return GridSpec(kind=args.grid or "uniform", t_min=t_min, a=args.grid_a, b=args.grid_b, sin2=not args.no_sin2)
+
+
+def main(args: argparse.Namespace) -> int:
+    """``tools/sample.py`` with its parsed flags; returns the exit code (0 done, 2 bad input)."""
+    try:
+        if args.num_samples < 1 or args.steps < 1:
+            raise ValueError("--num-samples and --steps must be >= 1")
+        if args.judge is not None and not Path(args.judge).is_dir():
+            raise ValueError(f"--judge {args.judge}: no such folder")
+        run = open_run(args.run_dir, checkpoint=args.checkpoint, overrides=args.overrides)
+        judge = make_judge(args.judge) if args.judge is not None and is_rank0() else None  # scores on rank 0
+        code = write_samples(args, run, judge)
+    except (RunNotReady, ValueError, FileNotFoundError) as err:
+        sys.stderr.write(f"sample.py: {err}\n")
+        return EXIT_BAD_INPUT
+    close_run()
+    return code
+
+
+def _fingerprint(args: argparse.Namespace, run: Any, sampler: Any, grid: GridSpec | None, tok: Any,
+                 *, seed: int, batch_size: int, prefix_ids: list[int] | None) -> dict[str, Any]:
+    """The run's fingerprint + sampler, generation and tokenizer records (the same on every rank)."""
+    cfg = run.cfg
+    fingerprint = run_fingerprint(run, use_ema=args.ema, hash_checkpoint=not args.no_hash)
+    fingerprint["sampler"] = sampler_record(args.sampler, sampler, steps=args.steps, grid=grid, gamma=args.gamma)
+    fingerprint["generation"] = {"seed": seed, "batch_size": batch_size, "num_samples": args.num_samples,
+                                 "seq_length": cfg.model.seq_length, "prefix": args.prefix, "prefix_ids": prefix_ids,
+                                 "seed_rule": "batch b: sha256(f'{seed}:{b}')[:8]"}
+    fingerprint["tokenizer"] = {"name_or_path": tok.info.get("name_or_path"), "sha256": tok.sha256,
+                                "decoded": tok.tokenizer is not None}
+    return broadcast_object(fingerprint)
+
+
+def write_samples(args: argparse.Namespace, run: Any, judge: Any) -> int:
+    """Draw the samples (every rank), then write and print them on rank 0; returns 0."""
+    cfg = run.cfg
+    seed = cfg.train.seed if args.seed is None else args.seed
+    batch_size = args.batch_size or min(args.num_samples, 16)
+    tok = load_run_tokenizer(cfg)
+    prefix_ids = prefix_token_ids(tok, args.prefix, add_bos=not args.no_bos) if args.prefix is not None else None
+    grid = grid_spec(args, getattr(SAMPLERS[args.sampler], "default_t_min", None))
+    opts = sampler_options(args.sampler, mask_id=cfg.model.mask_id, family=run.model.family, steps=args.steps,
+                           grid=grid, temperature=args.temperature, top_p=args.top_p, use_cache=not args.no_cache,
+                           gamma=args.gamma)
+    sampler = build_sampler(args.sampler, **opts)
+    gen = generate(run, sampler, num_samples=args.num_samples, batch_size=batch_size, seed=seed,
+                   prefix_ids=prefix_ids, use_ema=args.ema)
+    fingerprint = _fingerprint(args, run, sampler, grid, tok, seed=seed, batch_size=batch_size,
+                               prefix_ids=prefix_ids)
+    if not is_rank0():
+        return 0
+
+    step = run.state.step
+    out = Path(args.out) if args.out else (Path(cfg.run.dir) / "samples" /
+                                           f"{args.sampler}_T{args.steps}_seed{seed}_step{step}.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    title = f"{args.sampler}, T={args.steps}, ckpt {step} (x: progress bins)"
+    order = order_report(gen, heatmap_path=out.with_suffix(".order.png"), title=title)
+    entropies = sample_entropies(gen.tokens)
+    records = []
+    for i in range(gen.tokens.shape[0]):
+        ids = [int(x) for x in gen.tokens[i].tolist()]
+        b = gen.batch_of[i]
+        records.append({"index": i, "text": tok.decode(ids), "token_ids": ids, "batch": b,
+                        "num_calls": gen.num_calls[b], "num_steps": gen.num_steps[b],
+                        "kendall_tau": order["kendall_tau"][i], "unigram_entropy": entropies[i],
+                        "tokenizer_sha256": tok.sha256, "fingerprint": fingerprint})
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(out)
+    _write_summary(args, out, gen, order, entropies, records, judge, fingerprint)
+    return 0
+
+
+def _write_summary(args: argparse.Namespace, out: Path, gen: Any, order: dict[str, Any], entropies: list[float],
+                   records: list[dict[str, Any]], judge: Any, fingerprint: dict[str, Any]) -> None:
+    """``<out>.summary.json``, also printed as one JSON line (with ``--judge``: the generative PPL)."""
+    summary = {
+        "out": str(out), "num_samples": len(records), "sampler": args.sampler, "steps": args.steps,
+        "num_calls": gen.total_calls, "num_calls_per_batch": gen.num_calls, "num_steps_per_batch": gen.num_steps,
+        "seconds": gen.seconds, "kendall_tau_mean": order["kendall_tau_mean"], "heatmap": order["heatmap"],
+        "per_position_mean_exponent": order["per_position_mean_exponent"],
+        "velocity_confidence_corr": order["velocity_confidence_corr"],
+        "unigram_entropy_mean": sum(entropies) / len(entropies),
+    }
+    if judge is not None:
+        t0 = time.time()
+        summary.update(judge_gen_ppl(judge, records))
+        summary["judge_seconds"] = time.time() - t0
+    summary["fingerprint"] = fingerprint
+    out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    sys.stdout.write(json.dumps(summary) + "\n")
+    sys.stdout.flush()
