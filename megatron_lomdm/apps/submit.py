@@ -25,7 +25,9 @@ from typing import Any
 import submitit
 
 from megatron_lomdm.config import dump_config, load_config
+from megatron_lomdm.utils.logging import get_logger
 
+log = get_logger(__name__)
 ROOT = Path(__file__).resolve().parents[2]  # the checkout whose revision a launch record names
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 3
@@ -97,8 +99,7 @@ def _run_task(argv: list[str], run_dir: str) -> int:
         try:  # checkpoint() -> DelayedSubmission(self, argv, run_dir) is pickled, then requeue + exit
             submitit_handler(usr_sig, None)
         except subprocess.CalledProcessError as err:  # e.g. Slurm is already requeueing it (preemption)
-            print(f"submit.py: requeue failed ({err}); the job is probably being requeued already",
-                  file=sys.stderr, flush=True)
+            log.error("submit.py: requeue failed (%s); the job is probably being requeued already", err)
             sys.exit(-1)
     if job_env.cluster == "slurm":
         # Other ranks: returning would leave a stale per-task result for the submitter while rank 0
@@ -184,7 +185,7 @@ def main(args: argparse.Namespace, *, root: Path = ROOT) -> int:
     try:
         cfg = load_config(config, args.overrides)
     except (ValueError, OSError) as err:
-        print(f"submit.py: {err}", file=sys.stderr)
+        log.error("submit.py: %s", err)
         return EXIT_BAD_INPUT
     run_dir = Path(cfg.run.dir).resolve()
     # The task gets the resolved run.dir, so a relative one means the same after a requeue.
@@ -196,7 +197,7 @@ def main(args: argparse.Namespace, *, root: Path = ROOT) -> int:
         executor = submitit.AutoExecutor(folder=folder, cluster="local" if args.local else "slurm",
                                          slurm_max_num_timeout=args.max_requeues)
     except RuntimeError as err:  # no srun here
-        print(f"submit.py: {err} (use --local to run here)", file=sys.stderr)
+        log.error("submit.py: %s (use --local to run here)", err)
         return EXIT_BAD_INPUT
     params = _parameters(args, config, tasks)
     executor.update_parameters(**params)
@@ -208,9 +209,8 @@ def main(args: argparse.Namespace, *, root: Path = ROOT) -> int:
     job = executor.submit(TrainTask(), task_argv, str(run_dir))
     with record.open("a") as f:
         f.write(f"--- submitted ---\njob_id: {job.job_id}\n")
-    print(f"submitted job {job.job_id} ({executor.cluster}, {args.nodes} node(s) x {tasks} task(s))")
-    print(f"  run dir: {run_dir}\n  logs:    {folder}/{job.job_id}_<task>_log.{{out,err}}\n"
-          f"  record:  {record}", flush=True)
+    log.info("submitted job %s (%s, %d node(s) x %d task(s))\n  run dir: %s\n  logs:    %s/%s_<task>_log.{out,err}\n"
+             "  record:  %s", job.job_id, executor.cluster, args.nodes, tasks, run_dir, folder, job.job_id, record)
     if not args.wait:
         return 0
     return _wait(job)
@@ -221,7 +221,7 @@ def _wait(job: Any) -> int:
     try:
         results = job.results()
     except Exception as err:  # submitit re-raises the task's failure with its traceback
-        print(f"submit.py: job {job.job_id} failed: {err}", file=sys.stderr)
+        log.error("submit.py: job %s failed: %s", job.job_id, err)
         return 1
-    print(f"job {job.job_id} finished: task results {results}")
+    log.info("job %s finished: task results %s", job.job_id, results)
     return max(int(r) for r in results)
