@@ -107,6 +107,7 @@ def phase_breakdown(run, reps: int = 5) -> dict[str, float]:
     rounds after one warm-up round, so machine noise spreads over all of them alike.
     """
     from megatron_lomdm.models.vocab_parallel import subs_logp_true_vocab_parallel
+    from megatron_lomdm.training.step import forward_backward
 
     model, engine, cfg = run.model, run.engine, run.cfg
     fam = model.family
@@ -121,7 +122,7 @@ def phase_breakdown(run, reps: int = 5) -> dict[str, float]:
     def real_step():
         engine.zero_grad()
         t0 = time.perf_counter()
-        engine.forward_backward(iter([batch]), step=0, num_microbatches=1, seq_length=L, micro_batch_size=B,
+        forward_backward(engine, iter([batch]), step=0, num_microbatches=1, seq_length=L, micro_batch_size=B,
                                 device=run.device)
         t1 = time.perf_counter()
         engine.step()

@@ -107,9 +107,9 @@ def probe(run_dir: str, pos_a: list[int], pos_b: list[int], num_samples: int) ->
     import torch
 
     from megatron_lomdm.apps.evaluate import read_eval_sequences
+    from megatron_lomdm.apps.generate import generate
     from megatron_lomdm.apps.run import close_run, open_run, weights
-    from megatron_lomdm.sampling import build_sampler
-    from megatron_lomdm.sampling.generate import generate, sampler_options
+    from megatron_lomdm.sampling import build_sampler, sampler_options
     from megatron_lomdm.sampling.metrics import order_agreement
 
     run = open_run(run_dir)

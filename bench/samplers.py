@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else None
 
-    from megatron_lomdm.sampling import build_sampler
-    from megatron_lomdm.sampling.generate import RunDenoiser, sampler_options
+    from megatron_lomdm.apps.generate import RunDenoiser
+    from megatron_lomdm.sampling import build_sampler, sampler_options
     from megatron_lomdm.training.build import build_run
 
     shards = ensure_shards(BENCH_SHAPE["seq_length"], BENCH_SHAPE["vocab_size"])

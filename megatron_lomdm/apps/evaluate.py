@@ -47,7 +47,7 @@ from megatron_lomdm.apps.run import RunNotReady, broadcast_object, close_run, is
 from megatron_lomdm.data.loader import ShardLoader
 from megatron_lomdm.data.shards import check_tokenizer_compat, read_manifest
 from megatron_lomdm.models.diffusion_lm import DIAG_KEYS
-from megatron_lomdm.training.step import order_stats
+from megatron_lomdm.training.step import forward_backward, order_stats
 from megatron_lomdm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -220,8 +220,8 @@ def evaluate_run(run: Any, *, data: str | Path | None = None, split: str | None 
         with weights(run, use_ema):
             for start in range(0, len(rows), microbatches_per_call):
                 chunk = rows[start:start + microbatches_per_call]
-                reports += run.engine.forward_backward(
-                    _batches(reader, chunk, n), step=EVAL_NOISE_STEP, num_microbatches=len(chunk),
+                reports += forward_backward(
+                    run.engine, _batches(reader, chunk, n), step=EVAL_NOISE_STEP, num_microbatches=len(chunk),
                     seq_length=cfg.model.seq_length, micro_batch_size=mbs, device=run.device, forward_only=True)
     finally:
         model.global_batch_size, model.seed = saved
@@ -276,7 +276,7 @@ EXIT_BAD_INPUT = 2
 def exact_ar(run: Any, *, data: str | None, split: str | None, max_sequences: int | None,
              use_ema: bool) -> dict[str, Any]:
     """Exact AR NLL per token of the eval set under an ARM run (same sequences as the NELBO)."""
-    from megatron_lomdm.sampling.generate import ar_logprobs
+    from megatron_lomdm.apps.judges import ar_logprobs
 
     seqs = read_eval_sequences(run, data=data, split=split, max_sequences=max_sequences)
     rows = ar_logprobs(run, seqs, use_ema=use_ema)
@@ -287,7 +287,7 @@ def exact_ar(run: Any, *, data: str | None, split: str | None, max_sequences: in
 
 def write_scores(run: Any, jsonl: str, *, out: str | None, use_ema: bool) -> None:
     """``--score-jsonl``: one JSON line of exact AR log-probs per input line, to ``out`` or stdout (rank 0)."""
-    from megatron_lomdm.sampling.generate import score_jsonl
+    from megatron_lomdm.apps.judges import score_jsonl
 
     lines = score_jsonl(run, jsonl, use_ema=use_ema)
     if is_rank0():

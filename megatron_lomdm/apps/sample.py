@@ -1,7 +1,7 @@
 """Fingerprinted samples from a trained run: ``tools/sample.py`` after its flags are parsed.
 
 ``main`` opens the run (``apps.run.open_run``) and the judge, ``write_samples`` draws the samples
-with ``sampling.generate`` and writes the JSONL, the ``.order.png`` heat map and the
+with ``apps.generate`` and writes the JSONL, the ``.order.png`` heat map and the
 ``.summary.json`` (also printed) on rank 0. The flags are documented in ``tools/sample.py``.
 """
 
@@ -16,18 +16,15 @@ from typing import Any
 
 from megatron_lomdm.apps.fingerprint import run_fingerprint
 from megatron_lomdm.apps.run import RunNotReady, broadcast_object, close_run, is_rank0, open_run
-from megatron_lomdm.sampling import SAMPLERS, build_sampler
-from megatron_lomdm.sampling.generate import (
-    generate,
+from megatron_lomdm.apps.generate import generate, order_report
+from megatron_lomdm.apps.judges import (
     judge_gen_ppl,
     load_run_tokenizer,
     make_judge,
-    order_report,
     prefix_token_ids,
     sample_entropies,
-    sampler_options,
-    sampler_record,
 )
+from megatron_lomdm.sampling import SAMPLERS, build_sampler, sampler_options, sampler_record
 from megatron_lomdm.sampling.grids import GridSpec
 
 EXIT_BAD_INPUT = 2

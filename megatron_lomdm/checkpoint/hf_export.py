@@ -408,15 +408,16 @@ def _read_rank_files(folder: Path, tp: int, pp: int) -> dict[tuple[int, int], di
     return shards
 
 
-def live_weights_from_dist(cfg: Any, folder: Path) -> StateDict:
-    """The live model weights of a checkpoint's ``dist/`` part (megatron ``dist_checkpointing``).
+def weights_from_dist(cfg: Any, folder: Path, *, ema: bool = False) -> StateDict:
+    """The live (or EMA) weights of a checkpoint's ``dist/`` part (megatron ``dist_checkpointing``).
 
     The native model is rebuilt at TP=1/PP=1 in a world-1 session and the (reshardable) sharded
-    checkpoint is loaded into it, so any saved TP x PP layout works.
+    checkpoint is loaded into it, so any saved TP x PP layout and either backend works. The EMA
+    (format 2) is sharded like the weights (``checkpoint/sharded.py``) and loads the same way.
     """
     from megatron.core import dist_checkpointing
 
-    from megatron_lomdm.distributed.wrap import MegatronEngine
+    from megatron_lomdm.checkpoint.sharded import ema_sharded_state_dict, model_sharded_state_dict
 
     dist_dir = folder / "dist"
     if not (dist_dir / "metadata.json").is_file():
@@ -424,13 +425,21 @@ def live_weights_from_dist(cfg: Any, folder: Path) -> StateDict:
                          "export the EMA weights (without --no-ema)")
     with native_session(cfg.train.seed):
         model = build_native_tp1(cfg, None)
-        sharded = model.sharded_state_dict(metadata=MegatronEngine.SHARDING)
+        sharded = model_sharded_state_dict(model)
+        if ema:
+            shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+            sharded = ema_sharded_state_dict(sharded, model, shadow)
         check_checkpoint_folder(dist_dir)
         state = dist_checkpointing.load(sharded, str(dist_dir))
-        missing = [k for k in model.load_state_dict(state, strict=False).missing_keys
-                   if canonical_native_key(k) is not None]
-        if missing:
-            raise ValueError(f"{dist_dir} lacks model tensors {missing[:5]}")
+        if ema:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.copy_(state[name])
+        else:
+            missing = [k for k in model.load_state_dict(state, strict=False).missing_keys
+                       if canonical_native_key(k) is not None]
+            if missing:
+                raise ValueError(f"{dist_dir} lacks model tensors {missing[:5]}")
         return {k: v.detach().cpu().clone() for k, v in _canonical(model.state_dict()).items()}
 
 
@@ -448,7 +457,17 @@ def load_native_checkpoint(run_dir: str | Path, step: int | None = None, *,
     folder, step = checkpoint_folder(run_dir, step)
     meta = load_torch_file(folder / "meta.pt")
     tp, pp = int(meta["tp"]), int(meta["pp"])
-    shards = _read_rank_files(folder, tp, pp)
+    if meta.get("format", 1) >= 2:  # every tensor in dist/: one reader for any layout and backend
+        from megatron_lomdm.config import load_config
+
+        cfg = load_config(Path(run_dir) / "config.yaml")
+        if ema and cfg.optim.ema_decay <= 0:
+            log.warning("%s: the run kept no EMA (optim.ema_decay=0); exporting the live weights", folder)
+            ema = False
+        full = weights_from_dist(cfg, folder, ema=ema)
+        check_finite(full.items(), source=f"checkpoint {folder}", kind="ema weight" if ema else "model weight")
+        return NativeCheckpoint(state_dict=full, step=step, folder=folder, tp=tp, pp=pp, ema=ema)
+    shards = _read_rank_files(folder, tp, pp)  # format 1: the EMA per TP x PP slice in the rank files
     no_ema = not any(shard.get("ema", {}).get("shadow") for shard in shards.values())
     if ema and no_ema and not all("model" in shard for shard in shards.values()):
         log.warning("%s: the run kept no EMA (optim.ema_decay=0); exporting the live weights", folder)
@@ -462,7 +481,7 @@ def load_native_checkpoint(run_dir: str | Path, step: int | None = None, *,
     else:
         from megatron_lomdm.config import load_config
 
-        full = live_weights_from_dist(load_config(Path(run_dir) / "config.yaml"), folder)
+        full = weights_from_dist(load_config(Path(run_dir) / "config.yaml"), folder)
     check_finite(full.items(), source=f"checkpoint {folder}", kind="ema weight" if ema else "model weight")
     return NativeCheckpoint(state_dict=full, step=step, folder=folder, tp=tp, pp=pp, ema=ema)
 
@@ -537,7 +556,9 @@ def _register_auto_classes(hf_config: Any) -> None:
 
 
 def save_hf_model(hf_sd: Mapping[str, torch.Tensor], hf_config: Any, folder: Path) -> None:
-    """Write config.json (+ auto_map), model.safetensors and the modeling files to ``folder``."""
+    """Write config.json (+ auto_map), model.safetensors and the modeling files to ``folder``, with
+    the project's OeMDM modules the modeling files import (``hf_code.write_shipped_code``)."""
+    from megatron_lomdm.checkpoint.hf_code import write_shipped_code
     from megatron_lomdm.checkpoint.hf_modeling import LoMDMForMaskedDiffusion
 
     _register_auto_classes(hf_config)
@@ -549,6 +570,7 @@ def save_hf_model(hf_sd: Mapping[str, torch.Tensor], hf_config: Any, folder: Pat
                          f"{sorted(expected - got)[:5]}, unexpected {sorted(got - expected)[:5]}")
     model.load_state_dict(dict(hf_sd), strict=True, assign=True)
     model.save_pretrained(folder)
+    write_shipped_code(folder)
 
 
 def _sha256(path: Path) -> str:

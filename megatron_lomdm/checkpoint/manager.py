@@ -1,9 +1,10 @@
 """Atomic, resumable checkpoints: `checkpoints/step_XXXXXXX/` plus a `latest` pointer.
 
-The model and optimizer go through megatron-core `dist_checkpointing` into `dist/` (every rank
-writes its shard, collectively); everything else a rank owns (its TP/PP slice of the EMA, RNG,
-and the shared train/loader state) goes to `rank_TTT_PPP.pt`, written by data-parallel rank 0 of
-each model-parallel slice. All of it lands in `step_XXXXXXX.tmp/`; after a barrier rank 0 renames
+Every tensor of the run goes through megatron-core `dist_checkpointing` into `dist/` (every rank
+writes its shard, collectively): the model, the optimizer, and the EMA shadows, sharded exactly
+like the parameters they track (format 2, `checkpoint/sharded.py`). The small plain state goes to
+`rank_TTT_PPP.pt`, written by data-parallel rank 0 of each model-parallel slice: the RNG states
+of that slice and the train/loader/P-POTS state every rank shares. All of it lands in `step_XXXXXXX.tmp/`; after a barrier rank 0 renames
 the folder to `step_XXXXXXX/` and only then rewrites `latest` (temp file, fsync, rename). A save
 killed at any point therefore leaves the previous checkpoint as `latest`, complete and loadable.
 Loading uses `torch.load(weights_only=True)`.
@@ -14,10 +15,11 @@ pruning keeps the newest checkpoints by save order (never the one `latest` names
 (`check`) before anything is loaded. A full disk fails the save with `CheckpointWriteError`,
 leaving `latest` as it was.
 
-Resharding: the `dist/` part is reshardable across data-parallel sizes (the distributed
-optimizer uses `dp_reshardable`); the per-rank files (EMA) tie a checkpoint to its TP x PP
-layout, so a different TP/PP is refused with a clear error. `tools/convert_to_hf.py` reads any
-layout.
+Resharding: `dist/` reshards across TP, PP and DP (the distributed optimizer uses
+`dp_reshardable`), so a format-2 checkpoint resumes on any layout: on another TP x PP every rank
+reads the shared state from `rank_000_000.pt` and keeps its freshly seeded RNG (`load`). Format 1
+(written before the EMA moved into `dist/`: the EMA in the rank files) loads on its own layout
+only; a different TP/PP is refused with a message that says how to convert it.
 """
 
 from __future__ import annotations
@@ -43,8 +45,11 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _WRITE_FAILURE_TEXT = ("No space left", "Disk quota exceeded", "file write failed", "inline_container.cc")
 
 
+FORMAT = 2  # 1: EMA in the rank files (layout-bound); 2: EMA in dist/ (any layout)
+
+
 class LayoutMismatch(ValueError):
-    """A checkpoint written with another TP x PP layout than this run's."""
+    """A checkpoint that cannot be resumed on this run's layout."""
 
 
 class CheckpointWriteError(ValueError):
@@ -105,10 +110,10 @@ class CheckpointManager:
     """Saves and finds checkpoints of one run; every rank constructs it with its coordinates."""
 
     def __init__(self, root: str | Path, *, tp_rank: int, pp_rank: int, dp_rank: int, tp: int, pp: int,
-                 is_rank0: bool, keep_last: int) -> None:
+                 is_rank0: bool, keep_last: int, dp: int = 1) -> None:
         self.root = Path(root)
         self.tp_rank, self.pp_rank, self.dp_rank = tp_rank, pp_rank, dp_rank
-        self.tp, self.pp = tp, pp
+        self.tp, self.pp, self.dp = tp, pp, dp
         self.is_rank0 = is_rank0
         self.keep_last = keep_last
         self._warned_no_pointer = False
@@ -149,6 +154,20 @@ class CheckpointManager:
         if not match or not (self.root / name / "meta.pt").exists():
             raise ValueError(f"{pointer} names {name!r}, which is not a complete checkpoint folder")
         return int(match.group(1))
+
+    def meta(self, step: int) -> dict[str, Any]:
+        """`meta.pt` of checkpoint `step` (format, layout, save order, file sizes)."""
+        return torch.load(self.folder(step) / "meta.pt", weights_only=True)
+
+    def same_layout(self, step: int) -> bool:
+        """Whether checkpoint `step` was written with this run's TP x PP (each rank has its own file)."""
+        meta = self.meta(step)
+        return (meta["tp"], meta["pp"]) == (self.tp, self.pp)
+
+    def state_file(self, step: int) -> Path:
+        """The rank file this rank resumes from: its own slice's, or on another layout rank 0's."""
+        name = self.shard_name() if self.same_layout(step) else "rank_000_000.pt"
+        return self.folder(step) / name
 
     def _meta(self, step: int) -> dict[str, Any] | None:
         try:
@@ -257,7 +276,7 @@ class CheckpointManager:
         _barrier()
         if self.is_rank0:
             seq = max((s for s, _ in self._save_order()), default=-1) + 1
-            torch.save({"step": step, "tp": self.tp, "pp": self.pp, "format": 1, "seq": seq,
+            torch.save({"step": step, "tp": self.tp, "pp": self.pp, "dp": self.dp, "format": FORMAT, "seq": seq,
                         "files": _file_sizes(tmp)}, tmp / "meta.pt")
 
     def folder(self, step: int) -> Path:
@@ -265,15 +284,24 @@ class CheckpointManager:
         return self.root / f"step_{step:07d}"
 
     def load(self, step: int) -> dict[str, Any]:
-        """This rank's shard of checkpoint `step` (tensors on CPU); the sharded part is in `folder(step)/dist`."""
+        """This rank's plain state of checkpoint `step` (tensors on CPU); the tensors are in `folder(step)/dist`.
+
+        On another TP x PP layout (format 2 only) the state is rank 0's, with `rng` set to None:
+        RNG streams belong to one rank of one layout.
+        """
         folder = self.folder(step)
-        meta = torch.load(folder / "meta.pt", weights_only=True)
-        if (meta["tp"], meta["pp"]) != (self.tp, self.pp):
+        meta = self.meta(step)
+        same = (meta["tp"], meta["pp"]) == (self.tp, self.pp)
+        if not same and meta.get("format", 1) < 2:
             raise LayoutMismatch(
-                f"{folder} was written with parallel.tp={meta['tp']}, parallel.pp={meta['pp']}; this run uses "
-                f"tp={self.tp}, pp={self.pp}. Convert it with tools/convert_to_hf.py or keep the layout."
-            )
-        return torch.load(folder / self.shard_name(), map_location="cpu", weights_only=True)
+                f"{folder} was written with parallel.tp={meta['tp']}, parallel.pp={meta['pp']} in checkpoint "
+                f"format 1, which keeps the EMA per TP x PP slice; this run uses tp={self.tp}, pp={self.pp}. "
+                f"Resume it once with its own layout (parallel.tp={meta['tp']} parallel.pp={meta['pp']}): the "
+                f"next checkpoint it writes is format 2, which resumes on any layout.")
+        state = torch.load(self.state_file(step), map_location="cpu", weights_only=True)
+        if not same:
+            state["rng"] = None
+        return state
 
     def _prune(self) -> None:
         """Keep the `keep_last` newest checkpoints by save order, and always the one `latest` names."""

@@ -253,14 +253,22 @@ class DiffusionFamily(nn.Module):
         raise ValueError(f"no reverse schedule for family type {type(self).__name__}")
 
     def denoiser_outputs(
-        self, logits_BLV: Tensor, hidden_BLD: Tensor, *, rev_head: nn.Module | None = None
+        self,
+        logits_BLV: Tensor,
+        hidden_BLD: Tensor,
+        *,
+        rev_head: nn.Module | None = None,
+        valid_BL: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """One backbone pass -> what a sampler draws from (``sampling.DenoiserOutput``'s fields).
 
         Args:
             logits_BLV: Full-vocabulary backbone logits of z_t, (B, L, V).
             hidden_BLD: The same pass's final hidden states, (B, L, D).
-            rev_head: The reverse scheduler head g_psi (``needs_reverse_head`` families).
+            rev_head: The reverse scheduler head g_psi (``needs_reverse_head`` families), called
+                as ``rev_head(hidden_BLD)`` or, with ``valid_BL``, ``rev_head(hidden_BLD, valid_BL)``.
+            valid_BL: Non-pad positions, (B, L) bool; None (samplers) means all valid. Where
+                the exponents normalise over positions (NormSig) the mean runs over these.
 
         Returns:
             ``(logits_BLV, e_R)``: the logits to draw tokens from and the reverse exponents

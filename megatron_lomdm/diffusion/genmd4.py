@@ -121,7 +121,12 @@ class GenMD4Family(DiffusionFamily):
         return PowerReverse(1.0, requires_denoiser_exponents=True)
 
     def denoiser_outputs(
-        self, logits_BLV: Tensor, hidden_BLD: Tensor, *, rev_head: nn.Module | None = None
+        self,
+        logits_BLV: Tensor,
+        hidden_BLD: Tensor,
+        *,
+        rev_head: nn.Module | None = None,
+        valid_BL: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """See ``DiffusionFamily.denoiser_outputs``: e_R = sum_v softmax_SUBS(logits)_v w_v and
         the logits tilted by log w, so tokens are drawn from x~_v ∝ w_v mu_v (method.md §2)."""

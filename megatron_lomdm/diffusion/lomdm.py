@@ -142,10 +142,16 @@ class LoMDMFamily(DiffusionFamily):
         return PowerReverse(self.c1, requires_denoiser_exponents=True)
 
     def denoiser_outputs(
-        self, logits_BLV: Tensor, hidden_BLD: Tensor, *, rev_head: nn.Module | None = None
+        self,
+        logits_BLV: Tensor,
+        hidden_BLD: Tensor,
+        *,
+        rev_head: nn.Module | None = None,
+        valid_BL: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """See ``DiffusionFamily.denoiser_outputs``: e_R = c1 + c2 NormSig(rev_head(hidden))
         from the same pass (method.md §3.5)."""
         if rev_head is None:
             raise ValueError("the lomdm family needs rev_head to compute e_R")
-        return logits_BLV, self.exponents(rev_head(hidden_BLD))
+        rev_logits_BL = rev_head(hidden_BLD) if valid_BL is None else rev_head(hidden_BLD, valid_BL)
+        return logits_BLV, self.exponents(rev_logits_BL, valid_BL)

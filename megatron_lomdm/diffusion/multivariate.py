@@ -168,10 +168,19 @@ class MultivariateFamily(ContextFreeFamily):
                               t_KB.reshape(K * B)).velocity_BL.view(K, B, self.seq_length)
 
     def denoiser_outputs(
-        self, logits_BLV: Tensor, hidden_BLD: Tensor, *, rev_head: nn.Module | None = None
+        self,
+        logits_BLV: Tensor,
+        hidden_BLD: Tensor,
+        *,
+        rev_head: nn.Module | None = None,
+        valid_BL: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """See ``DiffusionFamily.denoiser_outputs``: its per-position exponents w over all
-        positions (alpha_R = alpha_F = 1 - t^w), so every power-law sampler (ancestral, exact
-        Plackett-Luce) follows the learned order."""
-        e_L = self.exponents().detach()  # fp32, all positions (as lomdm's e_R)
-        return logits_BLV, e_L.expand(logits_BLV.shape[:-1]).to(logits_BLV.device)
+        """See ``DiffusionFamily.denoiser_outputs``: its per-position exponents w (alpha_R =
+        alpha_F = 1 - t^w; NormSig over all positions, or each row's valid ones), so every
+        power-law sampler (ancestral, exact Plackett-Luce) follows the learned order."""
+        B, L = logits_BLV.shape[:-1]
+        if L != self.seq_length:
+            raise ValueError(f"the multivariate family has one order logit per position: sequences "
+                             f"must have length {self.seq_length}, got {L}")
+        e_XL = self.exponents() if valid_BL is None else self.exponents(valid_BL)  # fp32 (as lomdm's e_R)
+        return logits_BLV, e_XL.detach().expand(B, L).to(logits_BLV.device)

@@ -1,4 +1,4 @@
-"""`parallel.backend=deepspeed`: DeepSpeed ZeRO 0-3 behind the `Engine` interface of `wrap.py`.
+"""`parallel.backend=deepspeed`: DeepSpeed ZeRO 0-3 behind the `Engine` protocol of `distributed/engine.py`.
 
 Layout: PP=1, any TP (megatron-core's tensor-parallel layers, DeepSpeed told about them through an
 `mpu` adapter over `parallel_state`), DP = megatron's data-parallel group, ZeRO stage
@@ -8,11 +8,11 @@ with DeepSpeed's `DeepSpeedCPUAdam`; otherwise a torch AdamW).
 Loss scaling. Losses are token sums, and the gradient must be that of the sum divided by N, the
 number of valid tokens of the whole global batch (all micro-batches, all DP ranks), as megatron's
 `finalize_model_grads` makes it on the megatron backend. DeepSpeed averages gradients over DP (it
-divides their sum by the DP size). `forward_backward` therefore reads N from the micro-batches'
-`valid` masks before any forward (one all-reduce), backpropagates `surrogate_sum * DP / N` with
-`scale_wrt_gas=False`, and the result is exactly sum(grad surrogate) / N.
+divides their sum by the DP size). The training step (`training/step.py`) reads N from the
+micro-batches' `valid` masks before any forward (one all-reduce) and hands it to `backward`, which
+backpropagates `surrogate_sum * DP / N` with `scale_wrt_gas=False`: exactly sum(grad surrogate) / N.
 
-Accumulation boundary. The loop calls `forward_backward` (all micro-batches) and then, separately,
+Accumulation boundary. The step calls `backward` once per micro-batch and the loop then calls
 `step`. `gradient_accumulation_steps` is the number of micro-batches; before each backward the
 engine is told whether it is the last one (`set_gradient_accumulation_boundary`), so DeepSpeed
 reduces at the right backward whatever its internal counter says, and `step` is one
@@ -29,13 +29,14 @@ is 4+4+6, 4+2+6 and 2+2+6 B/param for ZeRO-1/2/3, in bf16 2+2+6, 2+1+6 and 1+1+6
 accounting (performance.md §A2) exactly.
 
 Decisions:
-    * The DeepSpeed engine wraps `_TrainingStep`, which runs phase one (LoMDM's clean pass and
-      forward head) and phase two of one micro-batch and returns the surrogate as the first
-      output, which is what gets backpropagated: DeepSpeed hooks its backward prologue and ZeRO-3
-      its pre-backward gathers onto the tensors a forward returns (a `LossTerms` dataclass would
-      hide them), and under ZeRO-3 every parameter use stays inside the engine's forward (the
-      family's parameters, used outside `family.forward`, are registered as external parameters
-      of the root). DeepSpeed checkpoints therefore name parameters `model.<DiffusionLM name>`.
+    * The DeepSpeed engine wraps the training step's `MicroBatchStep` (`training/step.py`), which
+      runs phase one (LoMDM's clean pass and forward head) and phase two of one micro-batch and
+      returns the surrogate as the first output, which is what gets backpropagated: DeepSpeed
+      hooks its backward prologue and ZeRO-3 its pre-backward gathers onto the tensors a forward
+      returns (a `LossTerms` dataclass would hide them), and under ZeRO-3 every parameter use
+      stays inside the engine's forward (the family's parameters, used outside `family.forward`,
+      are registered as external parameters of the root). DeepSpeed checkpoints therefore name
+      parameters `model.<DiffusionLM name>`.
     * ZeRO-3 partitions every parameter (`stage3_param_persistence_threshold=0`; DeepSpeed's
       default keeps tensors under 1e5 elements whole, which on small models means nearly
       everything), so memory follows the ZeRO-3 accounting and the parity tests exercise
@@ -59,23 +60,20 @@ Decisions:
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import math
 import os
 import types
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from torch import nn
 
 from megatron_lomdm.config import Config
 from megatron_lomdm.distributed.init import launch_env_from
-from megatron_lomdm.distributed.wrap import decays, is_head_param
-from megatron_lomdm.training.step import forward_step
+from megatron_lomdm.distributed.params import SHARDING, decays, is_head_param
 from megatron_lomdm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -103,7 +101,7 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
     """The optimizer's parameter groups, as the megatron backend forms them.
 
     Backbone and scheduler heads with the family's parameters (LR `optim.head_lr or train.lr`),
-    each split by `distributed.wrap.decays` into weight-decayed and exempt parameters. Empty
+    each split by `distributed.params.decays` into weight-decayed and exempt parameters. Empty
     groups are dropped.
     """
     head_lr = cfg.optim.head_lr or cfg.train.lr
@@ -138,28 +136,6 @@ def deepspeed_config(cfg: Config, *, dp: int, num_microbatches: int, bucket_nume
         "steps_per_print": 2**62,  # the loop logs; DeepSpeed's own progress lines stay quiet
         "wall_clock_breakdown": False,
     }
-
-
-class _TrainingStep(nn.Module):
-    """One micro-batch of the training step (both LoMDM phases) as the DeepSpeed engine's module.
-
-    Returns `(surrogate, terms, diag)`: the surrogate first, so that DeepSpeed attaches its
-    backward hooks to it; the engine backpropagates this output (see the module docstring).
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens_BL: torch.Tensor, valid_BL: torch.Tensor, index_B: torch.Tensor, step: int):
-        model = self.model
-        fwd_logits_BL = None
-        if model.family.needs_clean_features:
-            with torch.no_grad():  # stop-grad: f(x) of the clean sequence (method.md §3.1)
-                hidden_x_BLD = model.clean_features(tokens_BL, valid_BL)
-            fwd_logits_BL = model.forward_head_logits(hidden_x_BLD, valid_BL)  # graph to phi kept
-        terms, diag = model(tokens_BL, valid_BL, index_B, step, fwd_logits_BL=fwd_logits_BL)
-        return terms.surrogate, terms, diag
 
 
 def _storages(tensors: list[torch.Tensor | None], seen: set[int]) -> int:
@@ -225,17 +201,20 @@ def model_state_bytes(engine: DeepSpeedEngine) -> dict[str, int]:
 
 
 class DeepSpeedEngine:
-    """DeepSpeed ZeRO engine with megatron-core TP; the `Engine` protocol of `distributed.wrap`.
+    """DeepSpeed ZeRO engine with megatron-core TP; the `Engine` protocol of `distributed.engine`.
 
     Args:
-        model: the DiffusionLM (this rank's TP slice), on its device.
+        step_module: the training step's one-micro-batch module around the DiffusionLM (this
+            rank's TP slice, on its device); `module` is the DeepSpeed engine wrapping it.
         cfg: the run's config (`parallel.zero`, `parallel.cpu_offload`, `optim.*`, `train.*`).
 
     Raises:
         ValueError: for `parallel.pp > 1`, or `optim.ema_decay > 0` with ZeRO-3.
     """
 
-    def __init__(self, model: nn.Module, cfg: Config) -> None:
+    pipeline_schedule = False  # the step runs each micro-batch and calls `backward`
+
+    def __init__(self, step_module: nn.Module, cfg: Config) -> None:
         import deepspeed
 
         stage = cfg.parallel.zero
@@ -245,7 +224,7 @@ class DeepSpeedEngine:
         if stage == 3 and cfg.optim.ema_decay > 0:
             raise ValueError(f"optim.ema_decay={cfg.optim.ema_decay} needs full parameters on every rank, but "
                              "parallel.zero=3 partitions them: set optim.ema_decay=0 or use parallel.zero <= 2")
-        self.module = model
+        model = step_module.model  # the DiffusionLM
         self.cfg = cfg
         self.stage = stage
         self.dp = parallel_state.get_data_parallel_world_size()
@@ -261,7 +240,6 @@ class DeepSpeedEngine:
         config = deepspeed_config(cfg, dp=self.dp, num_microbatches=self.num_microbatches,
                                   bucket_numel=min(DEFAULT_BUCKET_NUMEL, max(numel, 1)),
                                   engine_clips=self._engine_clips)
-        step_module = _TrainingStep(model)
         if stage == 3:  # the family's parameters are used in DiffusionLM.forward, not in family.forward
             for p in model.family.parameters():
                 deepspeed.zero.register_external_parameter(step_module, p)
@@ -269,7 +247,9 @@ class DeepSpeedEngine:
         os.environ.setdefault("LOCAL_RANK", str(launch_env_from(os.environ).local_rank))
         self.ds, _, _, _ = deepspeed.initialize(model=step_module, optimizer=optimizer, config=config,
                                                 mpu=self._mpu, dist_init_required=False)
-        self._pending = False  # a training forward_backward whose gradients no step() consumed yet
+        self.module = self.ds
+        self._backwards = 0  # micro-batches backpropagated in this step so far
+        self._pending = False  # backpropagated gradients that no step() consumed yet
         self._updated = False  # an update has been applied (the first step is over)
         self._peak = {"grads": 0, "buffers": 0}  # largest bytes seen in a backward before the first update
         self._watching = False  # DeepSpeed's end-of-backward reduction is wrapped to measure gradients
@@ -288,62 +268,28 @@ class DeepSpeedEngine:
             return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
         return torch.optim.AdamW(groups, **kwargs)
 
-    # ---- forward / backward ---------------------------------------------------------------------
-    def _call_module(self, tokens_BL: torch.Tensor, valid_BL: torch.Tensor, index_B: torch.Tensor, step: int,
-                     fwd_logits_BL: torch.Tensor | None = None) -> tuple[Any, dict[str, torch.Tensor]]:
-        """The model as `training.step.forward_step` calls it; phase one runs inside the engine.
+    # ---- backward ---------------------------------------------------------------------------------
+    def backward(self, loss_sum: torch.Tensor, *, global_tokens: int, last: bool) -> None:
+        """Backpropagate one micro-batch's token-sum loss as its share of the global per-token loss.
 
-        The surrogate to backpropagate is the engine's first output, not `terms.surrogate`: the
-        engine hooks its backward prologue (and ZeRO-3 its pre-backward gathers) onto the tensors
-        its forward returns.
+        `loss_sum` must be the engine's forward output (DeepSpeed hooks onto it). A non-finite loss
+        poisons every gradient, so DeepSpeed's overflow check drops the step.
         """
-        assert fwd_logits_BL is None, "phase one runs inside the DeepSpeed engine's forward"
-        surrogate, terms, diag = self.ds(tokens_BL, valid_BL, index_B, step)
-        return dataclasses.replace(terms, surrogate=surrogate), diag
-
-    def _micro_batch(self, step: int, device: torch.device, j: int, batch: dict) -> tuple[torch.Tensor, dict]:
-        surrogate, close = forward_step(step, device, None, iter([(j, batch)]), self._call_module)
-        loss, _, report = close(surrogate)
-        return loss, report
-
-    def _global_tokens(self, batches: list[dict], device: torch.device) -> int:
-        local = sum(int(b["valid"].sum()) for b in batches)
-        count = torch.tensor([local], dtype=torch.float64, device=device)
-        if self.dp > 1:
-            dist.all_reduce(count, group=self.dp_group)
-        return int(count.item())
-
-    def forward_backward(self, data_iterator: Iterator[dict], *, step: int, num_microbatches: int, seq_length: int,
-                         micro_batch_size: int, device: torch.device, forward_only: bool = False) -> list[dict]:
-        """Forward (and backward) `num_microbatches` micro-batches; returns their loss reports.
-
-        `seq_length` and `micro_batch_size` are part of the interface (megatron's schedules need
-        them); the micro-batches carry their own shapes here.
-        """
-        batches = [next(data_iterator) for _ in range(num_microbatches)]
-        if forward_only:
-            return [self._micro_batch(step, device, j, b)[1] for j, b in enumerate(batches)]
-        if num_microbatches != self.num_microbatches:
-            raise ValueError(f"{num_microbatches} micro-batches per step, but the DeepSpeed engine was built for "
+        self._backwards += 1
+        if last and self._backwards != self.num_microbatches:
+            raise ValueError(f"{self._backwards} micro-batches per step, but the DeepSpeed engine was built for "
                              f"{self.num_microbatches} (train.global_batch_size / (micro_batch_size x DP))")
-        num_tokens = self._global_tokens(batches, device)
-        scale = self.dp / max(num_tokens, 1)  # DeepSpeed averages over DP: surrogate * DP / N -> sum / N
-        reports = []
         if not self._updated and not self._watching:
             self._watch_gradient_peak()
-        for j, batch in enumerate(batches):
-            self.ds.set_gradient_accumulation_boundary(j == num_microbatches - 1)
-            loss, report = self._micro_batch(step, device, j, batch)
-            # a non-finite loss poisons every gradient, so DeepSpeed's overflow check drops the step
-            poison = torch.where(torch.isfinite(loss.detach()), 1.0, math.nan)
-            self.ds.backward(loss * (poison * scale), scale_wrt_gas=False)
-            reports.append(report)
-            if self._watching:  # after DeepSpeed's reduction (partitions, accumulation buffers)
-                self._measure_peak()
+        self.ds.set_gradient_accumulation_boundary(last)
+        scale = self.dp / max(global_tokens, 1)  # DeepSpeed averages over DP: surrogate * DP / N -> sum / N
+        poison = torch.where(torch.isfinite(loss_sum.detach()), 1.0, math.nan)
+        self.ds.backward(loss_sum * (poison * scale), scale_wrt_gas=False)
+        if self._watching:  # after DeepSpeed's reduction (partitions, accumulation buffers)
+            self._measure_peak()
+        if last:
+            self._backwards = 0
         self._pending = True
-        local = sum(int(b["valid"].sum()) for b in batches)
-        assert sum(int(r["num_tokens"]) for r in reports) == local, "loss num_tokens != valid positions"
-        return reports
 
     def _watch_gradient_peak(self) -> None:
         """Measure gradient bytes at the end of each backward, before DeepSpeed's reduction frees
@@ -417,18 +363,36 @@ class DeepSpeedEngine:
         return now
 
     # ---- checkpoints ------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {}  # model, optimizer and DeepSpeed's counters are in its checkpoint (save_sharded)
+    def save_sharded(self, folder: Path, extra: dict[str, Any]) -> None:
+        """The model and the caller's `extra` entries (the EMA) via dist_checkpointing into `folder`
+        (the one format every reader uses: resume, evaluation, HF export), and DeepSpeed's own
+        checkpoint of its ZeRO partitions and optimizer state next to it (`../deepspeed/`)."""
+        from megatron_lomdm.distributed.megatron_engine import write_dist_checkpoint
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-    def save_sharded(self, folder: Path) -> None:
-        """DeepSpeed's checkpoint of model, ZeRO partitions and optimizer state (collective)."""
         folder.mkdir(parents=True, exist_ok=True)
-        self.ds.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, save_latest=False)
+        model = self.module.module.model
+        with self._full_parameters():
+            write_dist_checkpoint({"model": model.sharded_state_dict(metadata=SHARDING), **extra}, folder)
+        self.ds.save_checkpoint(str(folder.parent / "deepspeed"), tag=CHECKPOINT_TAG, save_latest=False)
 
-    def load_sharded(self, folder: Path) -> None:
-        path, _ = self.ds.load_checkpoint(str(folder), tag=CHECKPOINT_TAG)
+    def load_sharded(self, folder: Path, extra: dict[str, Any] | None) -> dict[str, Any]:
+        """Model, ZeRO partitions and optimizer from DeepSpeed's checkpoint; returns the loaded `extra`
+        entries from `folder`. `extra=None`: a format-1 checkpoint (DeepSpeed's files in `folder/ds`)."""
+        from megatron.core import dist_checkpointing
+
+        ds_dir = folder if extra is None else folder.parent / "deepspeed"
+        path, _ = self.ds.load_checkpoint(str(ds_dir), tag=CHECKPOINT_TAG)
         if path is None:
-            raise ValueError(f"no DeepSpeed checkpoint (tag {CHECKPOINT_TAG!r}) under {folder}")
+            raise ValueError(f"no DeepSpeed checkpoint (tag {CHECKPOINT_TAG!r}) under {ds_dir}")
+        if not extra:
+            return {}
+        state = dist_checkpointing.load(dict(extra), str(folder))
+        return {key: state[key] for key in extra}
+
+    def _full_parameters(self):
+        """ZeRO-3: every parameter gathered whole for the duration (the sharded save reads them)."""
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.module.module.parameters()), modifier_rank=None)

@@ -46,6 +46,7 @@ from megatron_lomdm.sampling.metrics import (
     unigram_entropy,
     velocity_confidence_corr,
 )
+from megatron_lomdm.sampling.record import batch_seed, sampler_record
 
 SAMPLERS: dict[str, type[Sampler]] = {
     cls.name: cls
@@ -85,6 +86,33 @@ def build_sampler(name: str, **opts: Any) -> Sampler:
     return cls(**opts)
 
 
+def sampler_options(name: str, *, mask_id: int, family: Any, steps: int | None, grid: GridSpec | None = None,
+                    temperature: float = 1.0, top_p: float = 1.0, use_cache: bool = True,
+                    gamma: float | None = None) -> dict[str, Any]:
+    """The keyword options ``build_sampler(name, ...)`` gets for a model of ``family``.
+
+    Options a sampler does not take are left out (``entropy_bound`` has no steps or grid;
+    ``mdlm_cache`` is MDLM's alpha = 1 - t whatever the family); ``family=`` is passed wherever
+    accepted so context-free families supply their reverse schedule.
+
+    Raises:
+        ValueError: For an unknown sampler name (the message lists valid ones).
+    """
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid choices: {', '.join(sorted(SAMPLERS))}")
+    accepted = set(inspect.signature(SAMPLERS[name].__init__).parameters)
+    opts: dict[str, Any] = {"mask_id": mask_id, "temperature": temperature, "top_p": top_p, "use_cache": use_cache}
+    if "num_steps" in accepted and steps is not None:
+        opts["num_steps"] = steps
+    if "grid" in accepted and grid is not None:
+        opts["grid"] = grid
+    if "family" in accepted:
+        opts["family"] = family
+    if "gamma" in accepted and gamma is not None:
+        opts["gamma"] = gamma
+    return opts
+
+
 __all__ = [
     "SAMPLERS",
     "AncestralSampler",
@@ -101,6 +129,7 @@ __all__ = [
     "Sampler",
     "TopMarginSampler",
     "TopProbSampler",
+    "batch_seed",
     "beta_grid",
     "betainc",
     "build_sampler",
@@ -112,6 +141,8 @@ __all__ = [
     "order_heatmap",
     "order_kendall_tau",
     "reverse_schedule",
+    "sampler_options",
+    "sampler_record",
     "sampling_log_probs",
     "save_order_heatmap",
     "select_top_k",

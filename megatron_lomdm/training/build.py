@@ -4,8 +4,6 @@ checkpoints, tracking. `Run` holds it and offers the few verbs the loop uses.
 
 from __future__ import annotations
 
-import dataclasses
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -13,8 +11,7 @@ from typing import IO, Any
 import torch
 from megatron.core import parallel_state
 
-from megatron_lomdm.checkpoint.manager import CheckpointManager, LayoutMismatch
-from megatron_lomdm.checkpoint.safe_load import check_checkpoint_folder
+from megatron_lomdm.checkpoint.manager import CheckpointManager
 from megatron_lomdm.config import Config, load_config, save_config, validate_for_world
 from megatron_lomdm.config.load import config_to_dict, replace
 from megatron_lomdm.data.blend import BlendLoader, build_train_loader, data_manifest, source_options, valid_source
@@ -23,33 +20,24 @@ from megatron_lomdm.data.shards import Manifest, check_tokenizer_compat
 from megatron_lomdm.diffusion.base import DiffusionFamily
 from megatron_lomdm.diffusion.registry import build_family
 from megatron_lomdm.distributed.init import ParallelInfo, destroy_distributed, init_distributed
-from megatron_lomdm.distributed.wrap import Engine, build_engine
+from megatron_lomdm.distributed.engine import Engine, build_engine
 from megatron_lomdm.models.backbone import build_backbone
 from megatron_lomdm.models.diffusion_lm import DiffusionLM
 from megatron_lomdm.models.scheduler_head import SchedulerHead
 from megatron_lomdm.tracking.base import MetricsFile, Tracker
 from megatron_lomdm.tracking.mlflow_tracker import build_tracker
+from megatron_lomdm.tracking.run_info import default_run_name, run_tags
+from megatron_lomdm.training.checkpointing import TrainState, first_problem, load_checkpoint, resume, save_checkpoint
 from megatron_lomdm.training.optim import EMA
 from megatron_lomdm.training.ppots import PPOTSEstimator, build_ppots
 from megatron_lomdm.training.preemption import PreemptionFlag
-from megatron_lomdm.training.step import reduce_reports
+from megatron_lomdm.training.step import MicroBatchStep, forward_backward, reduce_reports
 from megatron_lomdm.utils.flops import Shape, peak_flops_of_device, step_flops
-from megatron_lomdm.utils.finite import NonFiniteWeightsError, check_finite
 from megatron_lomdm.utils.logging import get_logger
 from megatron_lomdm.utils.run_lock import RunDirInUse, lock_run_dir
 
 log = get_logger(__name__)
 MAX_BAD_STEPS = 5
-
-
-@dataclass
-class TrainState:
-    """What the loop counts; saved in every checkpoint."""
-
-    step: int = 0
-    consumed_samples: int = 0
-    bad_steps: int = 0
-    skipped_steps: int = 0
 
 
 def resolve_data_fields(cfg: Config, manifest: Manifest) -> Config:
@@ -189,8 +177,8 @@ class Run:
             reports = []
             for b in range(batches):
                 # eval noise lives on negative "steps" so it never coincides with a training step
-                reports += self.engine.forward_backward(
-                    it, step=-1 - b, num_microbatches=self.num_microbatches, seq_length=cfg.model.seq_length,
+                reports += forward_backward(
+                    self.engine, it, step=-1 - b, num_microbatches=self.num_microbatches, seq_length=cfg.model.seq_length,
                     micro_batch_size=cfg.train.micro_batch_size, device=self.device, forward_only=True)
         finally:
             self.ema.swap()
@@ -200,65 +188,13 @@ class Run:
         return {"nelbo": nelbo, "ppl": float(torch.tensor(nelbo).exp()), "main": out.values["main"],
                 "velocity": out.values["velocity"], "num_tokens": out.num_tokens}
 
-    # ---- checkpoints ----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "engine": self.engine.state_dict(),
-            "ema": self.ema.state_dict(),
-            "train_state": dataclasses.asdict(self.state),
-            "loader": self.loader.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-            **({"ppots": self.ppots.state_dict()} if self.ppots is not None else {}),
-        }
-
+    # ---- checkpoints (training/checkpointing.py) --------------------------------------------------
     def load_checkpoint(self, step: int, sd: dict[str, Any] | None = None) -> None:
         """Restore everything from checkpoint `step` (collective); non-finite weights are an error."""
-        check_checkpoint_folder(self.ckpt.folder(step))  # before any library unpickles its files
-        try:
-            self.engine.load_sharded(self.ckpt.folder(step) / "dist")
-        except KeyError as err:  # megatron: "<key> from model not in state dict: [<every key>]"
-            key = str(err.args[0] if err.args else err).split(" from model not in state dict")[0]
-            raise ValueError(f"checkpoint {self.ckpt.folder(step)} does not match the model of this config: it "
-                             f"has no {key} (trained with another diffusion.name or model shape?)") from None
-        sd = self.ckpt.load(step) if sd is None else sd  # `sd`: this rank's file, already read and checked
-        self.engine.load_state_dict(sd["engine"])
-        self.ema.load_state_dict(sd["ema"])
-        if self.ppots is not None:
-            if "ppots" in sd:
-                self.ppots.load_state_dict(sd["ppots"])
-            else:
-                log.warning("checkpoint %d has no P-POTS state: its estimates start afresh (uniform t)", step)
-        elif "ppots" in sd:
-            log.warning("checkpoint %d holds P-POTS state, ignored: diffusion.time_sampler=%s",
-                        step, self.cfg.diffusion.time_sampler)
-        self.state = TrainState(**sd["train_state"])
-        self.loader.load_state_dict(sd["loader"])
-        self.train_iter = iter(self.loader)
-        torch.set_rng_state(sd["rng"]["torch"])
-        random.setstate(sd["rng"]["python"])
-        if sd["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(sd["rng"]["cuda"])
-        self._check_finite_weights(step)
-
-    def _check_finite_weights(self, step: int) -> None:
-        """Refuse NaN/inf live or EMA weights on any rank; every rank raises the first message (collective)."""
-        source, problem = f"checkpoint {self.ckpt.folder(step)}", ""
-        try:
-            check_finite(self.model.named_parameters(), source=source, kind="model weight")
-            check_finite(self.ema.shadow.items(), source=source, kind="ema weight")
-        except NonFiniteWeightsError as err:
-            problem = str(err)
-        problems = [problem]
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            problems = [""] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(problems, problem)
-        first = next((p for p in problems if p), None)
-        if first is not None:
-            raise NonFiniteWeightsError(first)
+        load_checkpoint(self, step, sd)
 
     def save_checkpoint(self) -> None:
-        self.ckpt.save(self.state.step, self.state_dict(), sharded_writer=self.engine.save_sharded)
+        save_checkpoint(self)
 
     def close(self, teardown: bool = True) -> None:
         """Flush tracking, stop loader threads and, after a normal end (`teardown`), tear the
@@ -313,15 +249,6 @@ def _check_resumed_family(cfg: Config, run_dir: Path) -> None:
         check_trained_family(trained, cfg, ckpt.folder(step))
 
 
-def _first_problem(problem: str | None) -> str | None:
-    """The first rank's problem (in rank order) on every rank, so all ranks take the same branch (collective)."""
-    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-        return problem
-    gathered: list[str | None] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, problem)
-    return next((p for p in gathered if p), None)
-
-
 def _lock_run_dir(run_dir: Path, is_rank0: bool) -> IO[str] | None:
     """Rank 0 takes the run directory's lock; every rank refuses if another trainer holds it."""
     lock, problem = None, None
@@ -330,93 +257,10 @@ def _lock_run_dir(run_dir: Path, is_rank0: bool) -> IO[str] | None:
             lock = lock_run_dir(run_dir)
         except RunDirInUse as err:
             problem = str(err)
-    problem = _first_problem(problem)
+    problem = first_problem(problem)
     if problem is not None:
         raise RunDirInUse(problem)
     return lock
-
-
-def _is_rng_state(value: Any) -> bool:
-    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
-        return False
-    try:
-        torch.Generator().set_state(value)
-    except RuntimeError:
-        return False
-    return True
-
-
-def _state_problem(run: Run, sd: Any, step: int, path: Path) -> str | None:
-    """What in a rank file would fail or silently mislead a resume (naming the entry), or None."""
-    if not isinstance(sd, dict) or not {"engine", "ema", "train_state", "loader", "rng"} <= sd.keys():
-        return f"{path} is not a rank file of this trainer"
-    fields = {f.name for f in dataclasses.fields(TrainState)}
-    ts = sd["train_state"]
-    if not isinstance(ts, dict) or not set(ts) <= fields or not all(type(v) is int for v in ts.values()):
-        return f"{path}: train_state is malformed ({ts!r:.80})"
-    if ts.get("step") != step:
-        return f"{path}: train_state.step is {ts.get('step')!r}, but the folder is step {step}"
-    rng = sd["rng"]
-    if not isinstance(rng, dict) or not _is_rng_state(rng.get("torch")):
-        return f"{path}: rng.torch is not a torch RNG state"
-    try:
-        random.Random().setstate(rng.get("python"))
-    except (TypeError, ValueError):
-        return f"{path}: rng.python is not a Python RNG state"
-    cuda = rng.get("cuda")
-    if cuda is not None and not (isinstance(cuda, torch.Tensor) and cuda.dtype == torch.uint8):
-        return f"{path}: rng.cuda is not a CUDA RNG state"
-    shadow = sd["ema"].get("shadow") if isinstance(sd["ema"], dict) else None
-    if not isinstance(shadow, dict):
-        return f"{path}: ema has no shadow weights"
-    for name, mine in run.ema.shadow.items():
-        saved = shadow.get(name)
-        if not isinstance(saved, torch.Tensor) or saved.shape != mine.shape:
-            return f"{path}: ema.shadow[{name!r}] is missing or has another shape"
-    return None
-
-
-def _read_checkpoint(run: Run, step: int) -> tuple[dict[str, Any] | None, str | None]:
-    """This rank's state of checkpoint `step` if its files and entries are sound, else what is wrong."""
-    ckpt = run.ckpt
-    problem = ckpt.check(step)
-    if problem is not None:
-        return None, problem
-    path = ckpt.folder(step) / ckpt.shard_name()
-    if not path.is_file():
-        return None, f"{path} is missing"
-    try:
-        sd = ckpt.load(step)
-    except LayoutMismatch:
-        raise  # not damage: no fallback hides it
-    except Exception as err:  # noqa: BLE001  (zip, EOF, unpickling errors, a refused file)
-        first_line = str(err).splitlines()[0] if str(err) else ""
-        return None, f"{path} is unreadable ({type(err).__name__}: {first_line})"
-    return sd, _state_problem(run, sd, step, path)
-
-
-def resume(run: Run) -> int | None:
-    """Load the latest checkpoint; a damaged one falls back to the one saved before it (collective).
-
-    Returns:
-        The step resumed from, or None when the run has no checkpoint.
-
-    Raises:
-        ValueError: checkpoints exist but none is loadable (each named with its damaged file).
-    """
-    damaged = []
-    for step in run.ckpt.resume_candidates():
-        sd, problem = _read_checkpoint(run, step)
-        problem = _first_problem(problem)
-        if problem is None:
-            run.load_checkpoint(step, sd)
-            return step
-        log.warning("checkpoint %s is damaged: %s; trying the one saved before it", run.ckpt.folder(step), problem)
-        damaged.append(problem)
-    if damaged:
-        raise ValueError(f"no loadable checkpoint in {run.ckpt.root}: {'; '.join(damaged)}. Repair or move the "
-                         f"damaged folders away (moving all of them starts the run afresh)")
-    return None
 
 
 def build_run(cfg: Config, *, read_only: bool = False) -> Run:
@@ -444,22 +288,22 @@ def build_run(cfg: Config, *, read_only: bool = False) -> Run:
         save_config(cfg, run_dir / "config.yaml")
     model = build_model(cfg, info)
     ema = EMA(list(model.named_parameters()), cfg.optim.ema_decay)
-    engine = build_engine(model, cfg)
+    engine = build_engine(model if cfg.parallel.backend == "megatron" else MicroBatchStep(model), cfg)
     loader = build_train_loader(cfg.data, micro_batch_size=cfg.train.micro_batch_size,
                                 global_batch_size=cfg.train.global_batch_size, dp_rank=info.dp_rank, dp_size=info.dp,
                                 seed=cfg.train.seed, run_dir=run_dir)
     valid_path, valid_split = valid_source(cfg.data, run_dir)
     ckpt = CheckpointManager(run_dir / "checkpoints", tp_rank=info.tp_rank, pp_rank=info.pp_rank, dp_rank=info.dp_rank,
-                             tp=info.tp, pp=info.pp, is_rank0=is_rank0, keep_last=cfg.checkpoint.keep_last)
+                             tp=info.tp, pp=info.pp, dp=info.dp, is_rank0=is_rank0, keep_last=cfg.checkpoint.keep_last)
     if is_rank0 and not read_only:
         ckpt.remove_stale_tmp()
     d = cfg.diffusion
-    tags = {"family": d.name, "c1": str(d.c1), "c2": str(d.c2), "layers": str(cfg.model.num_layers),
-            "hidden": str(cfg.model.hidden_size), "layout": f"tp{info.tp}_pp{info.pp}_dp{info.dp}",
-            "data": manifest.fingerprint("train")[:16]}
+    layout, k = {"tp": info.tp, "pp": info.pp, "dp": info.dp}, model.family.num_corruptions
+    tags = run_tags(cfg, **layout, num_corruptions=k, data_fingerprint=manifest.fingerprint("train"))
     tracker = build_tracker(enabled=cfg.tracking.enabled, is_rank0=is_rank0, uri=cfg.tracking.uri,
                             experiment=cfg.tracking.experiment, run_dir=run_dir,
-                            run_name=cfg.run.name or run_dir.name, tags=tags, system_metrics=cfg.tracking.system_metrics)
+                            run_name=cfg.run.name or default_run_name(cfg, **layout, num_corruptions=k), tags=tags,
+                            system_metrics=cfg.tracking.system_metrics)
     run = Run(cfg=cfg, info=info, model=model, engine=engine, ema=ema, loader=loader, valid_path=valid_path,
               valid_split=valid_split, ckpt=ckpt, tracker=tracker, metrics_file=None, preemption=PreemptionFlag(),
               ppots=build_ppots(d, model, info.device), lock=lock)

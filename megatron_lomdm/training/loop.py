@@ -14,7 +14,7 @@ import torch
 from megatron_lomdm.config import Config
 from megatron_lomdm.training.build import Run, build_run
 from megatron_lomdm.training.optim import lr_multiplier
-from megatron_lomdm.training.step import IntervalSums, reduce_reports
+from megatron_lomdm.training.step import IntervalSums, forward_backward, reduce_reports
 from megatron_lomdm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -37,9 +37,9 @@ def train_step(run: Run, interval: IntervalSums | None = None) -> dict[str, floa
                                          schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio))
     run.engine.zero_grad()
     t0 = time.perf_counter()
-    reports = run.engine.forward_backward(run.train_iter, step=state.step, num_microbatches=run.num_microbatches,
-                                          seq_length=cfg.model.seq_length, micro_batch_size=cfg.train.micro_batch_size,
-                                          device=run.device)
+    reports = forward_backward(run.engine, run.train_iter, step=state.step, num_microbatches=run.num_microbatches,
+                               seq_length=cfg.model.seq_length, micro_batch_size=cfg.train.micro_batch_size,
+                               device=run.device)
     out = reduce_reports(reports, run.device)
     if interval is not None:
         interval.add(out)

@@ -1,4 +1,4 @@
-"""The LR schedule and the EMA of the weights (optimizers live in `distributed.wrap`)."""
+"""The LR schedule and the EMA of the weights (optimizers live in `distributed/megatron_engine.py` and `distributed/deepspeed_engine.py`)."""
 
 from __future__ import annotations
 
@@ -58,8 +58,10 @@ class EMA:
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": {k: v.clone() for k, v in self.shadow.items()}}
 
-    def load_state_dict(self, state: dict) -> None:
-        missing = set(self.shadow) ^ set(state["shadow"])
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Copy saved shadows in. `strict=False`: shadows the state lacks keep their values (a
+        sharded checkpoint leaves out the family's parameter copies off the last pipeline stage)."""
+        missing = set(self.shadow) ^ set(state["shadow"]) if strict else set(state["shadow"]) - set(self.shadow)
         if missing:
             raise ValueError(f"EMA state does not match the model; differing names: {sorted(missing)[:5]}")
         for name, saved in state["shadow"].items():

@@ -1,13 +1,19 @@
-"""One optimizer step's forward/backward through megatron-core's schedules.
+"""One optimizer step's forward/backward: the only home of both LoMDM phases, for every backend.
 
-`forward_step(..., data_iterator, model) -> (output, partial(loss_func, ...))` is the megatron-core
-contract, so the same code runs under `get_forward_backward_func()` for any pipeline layout.
-LoMDM is two-phase (method.md §3.4): `phase_one` pipelines the clean forward-only pass and leaves
-the forward-head logits on every stage; phase two pipelines the K·B corruptions forward and
-backward. Losses are token sums (`config.calculate_per_token_loss=True`); after the
-backward, megatron's `finalize_model_grads` divides every gradient by the number of valid tokens
-of the whole global batch (all micro-batches, all data-parallel ranks), which makes gradient
-accumulation and data parallelism exact reformulations of one big batch.
+LoMDM is two-phase (method.md §3.4): phase one runs the clean sequence through the backbone
+without gradient and the forward scheduler head on it (graph to phi kept); phase two runs the K·B
+corruptions forward and backward. `forward_backward` has one backend branch:
+
+* megatron (`engine.pipeline_schedule`): megatron-core's schedule runs both phases for any
+  pipeline layout. `forward_step(..., data_iterator, model) -> (output, partial(loss_func, ...))`
+  is its contract; `phase_one` pipelines the clean pass and leaves the forward-head logits on every
+  stage. Losses are token sums (`config.calculate_per_token_loss=True`); after the backward,
+  megatron's `finalize_model_grads` divides every gradient by the number of valid tokens of the
+  whole global batch (all micro-batches, all data-parallel ranks), which makes gradient
+  accumulation and data parallelism exact reformulations of one big batch.
+* DeepSpeed: the engine wraps `MicroBatchStep` (both phases of one micro-batch in one forward, so
+  ZeRO-3's gathers see every parameter use); the step calls it per micro-batch and hands the
+  token-sum loss and the global token count to `engine.backward`.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from torch import nn
 
+from megatron_lomdm.distributed.engine import Engine, unwrap
 from megatron_lomdm.losses.grad_snr import SNR_KEYS
 from megatron_lomdm.losses.objective import LossTerms
 from megatron_lomdm.models.diffusion_lm import DIAG_KEYS
@@ -39,13 +47,6 @@ def loss_func(terms: LossTerms, diag: dict[str, torch.Tensor], output_tensor: to
     report["num_tokens"] = num_tokens.double()
     report.update(diag)
     return output_tensor, num_tokens, report
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The DiffusionLM inside data-parallel wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def _batch(data_iterator: Iterator[tuple[int, dict]], device: torch.device) -> tuple[int, torch.Tensor, ...]:
@@ -72,7 +73,7 @@ def forward_step(step: int, device: torch.device, fwd_logits: list[torch.Tensor]
 def _keep_head_logits(store: dict[int, torch.Tensor], j: int, model: torch.nn.Module, valid_BL: torch.Tensor,
                       hidden_BLD: torch.Tensor):
     with torch.enable_grad():  # phase one runs without grad except for g_phi, whose graph phase two needs
-        store[j] = _unwrap(model).forward_head_logits(hidden_BLD, valid_BL)
+        store[j] = unwrap(model).forward_head_logits(hidden_BLD, valid_BL)
     zero = torch.zeros((), device=hidden_BLD.device)
     return zero, torch.zeros((), dtype=torch.int), {}
 
@@ -81,8 +82,34 @@ def clean_forward_step(device: torch.device, store: dict[int, torch.Tensor],
                        data_iterator: Iterator[tuple[int, dict]], model: torch.nn.Module):
     """Phase one, one micro-batch: clean x through this stage; the forward head on the last one."""
     j, tokens_BL, valid_BL, _ = _batch(data_iterator, device)
-    out = _unwrap(model).clean_features(tokens_BL, valid_BL)
+    out = unwrap(model).clean_features(tokens_BL, valid_BL)
     return out, partial(_keep_head_logits, store, j, model, valid_BL)
+
+
+def clean_head_logits(model: nn.Module, tokens_BL: torch.Tensor, valid_BL: torch.Tensor) -> torch.Tensor:
+    """Phase one of one micro-batch without a pipeline: f(x) of the clean sequence without grad
+    (stop-grad, method.md §3.1), then the forward head's logits with their graph to phi."""
+    with torch.no_grad():
+        hidden_x_BLD = model.clean_features(tokens_BL, valid_BL)
+    return model.forward_head_logits(hidden_x_BLD, valid_BL)
+
+
+class MicroBatchStep(nn.Module):
+    """Both LoMDM phases of one micro-batch as one module: what the DeepSpeed engine wraps.
+
+    Returns `(surrogate, terms, diag)`: the surrogate first, so that DeepSpeed attaches its
+    backward hooks to it (see distributed/deepspeed_engine.py).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens_BL: torch.Tensor, valid_BL: torch.Tensor, index_B: torch.Tensor, step: int):
+        model = self.model
+        fwd_logits_BL = clean_head_logits(model, tokens_BL, valid_BL) if model.family.needs_clean_features else None
+        terms, diag = model(tokens_BL, valid_BL, index_B, step, fwd_logits_BL=fwd_logits_BL)
+        return terms.surrogate, terms, diag
 
 
 def sync_family_params(model: torch.nn.Module) -> None:
@@ -191,21 +218,22 @@ def reduce_reports(reports: list[dict], device: torch.device) -> StepReport:
     return StepReport(values=values, num_tokens=int(sums["num_tokens"]), sums=sums)
 
 
-def forward_backward(model: torch.nn.Module, data_iterator: Iterator[dict], *, step: int, num_microbatches: int,
+def forward_backward(engine: Engine, data_iterator: Iterator[dict], *, step: int, num_microbatches: int,
                      seq_length: int, micro_batch_size: int, device: torch.device,
                      forward_only: bool = False) -> list[dict[str, Any]]:
-    """Run the megatron-core schedule over `num_microbatches` micro-batches; returns their reports.
+    """Forward (and backward) `num_microbatches` micro-batches of `data_iterator`; their reports.
 
-    `model` is the engine's module (DDP-wrapped DiffusionLM); the engine has set the config's
-    `finalize_model_grads_func` (DP reduce, then division by the global token count). Under PP only
-    the last stage gets reports (an empty list elsewhere).
+    Under PP only the last stage gets reports (an empty list elsewhere).
     """
     batches = [next(data_iterator) for _ in range(num_microbatches)]
-    sync_family_params(_unwrap(model))
+    if not engine.pipeline_schedule:
+        return _each_micro_batch(engine, batches, step=step, device=device, forward_only=forward_only)
+    model = engine.module  # DDP-wrapped DiffusionLM; the engine set finalize_model_grads_func
+    sync_family_params(unwrap(model))
     fwd_logits = None
-    if _unwrap(model).family.needs_clean_features:
+    if unwrap(model).family.needs_clean_features:
         fwd_logits = phase_one(model, batches, seq_length=seq_length, micro_batch_size=micro_batch_size, device=device)
-    num_corruptions = _unwrap(model).family.num_corruptions
+    num_corruptions = unwrap(model).family.num_corruptions
     return get_forward_backward_func()(
         forward_step_func=partial(forward_step, step, device, fwd_logits),
         data_iterator=iter(enumerate(batches)),
@@ -215,3 +243,28 @@ def forward_backward(model: torch.nn.Module, data_iterator: Iterator[dict], *, s
         micro_batch_size=micro_batch_size * num_corruptions,  # the pipeline carries K corruptions per sequence
         forward_only=forward_only,
     )
+
+
+def global_valid_tokens(batches: list[dict], device: torch.device) -> int:
+    """Valid tokens of these micro-batches summed over the data-parallel ranks (one all-reduce)."""
+    count = torch.tensor([sum(int(b["valid"].sum()) for b in batches)], dtype=torch.float64, device=device)
+    if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
+        dist.all_reduce(count, group=parallel_state.get_data_parallel_group())
+    return int(count.item())
+
+
+def _each_micro_batch(engine: Engine, batches: list[dict], *, step: int, device: torch.device,
+                      forward_only: bool) -> list[dict[str, Any]]:
+    """Engines without a pipeline schedule: `engine.module` runs `MicroBatchStep` on each micro-batch."""
+    global_tokens = 0 if forward_only else global_valid_tokens(batches, device)
+    reports = []
+    for j, batch in enumerate(batches):
+        _, tokens_BL, valid_BL, index_B = _batch(iter([(j, batch)]), device)
+        surrogate, terms, diag = engine.module(tokens_BL, valid_BL, index_B, step)
+        loss, num_tokens, report = loss_func(terms, diag, surrogate)
+        if int(num_tokens) != int(valid_BL.sum()):
+            raise AssertionError(f"the loss counted {int(num_tokens)} tokens of {int(valid_BL.sum())} valid positions")
+        if not forward_only:
+            engine.backward(loss, global_tokens=global_tokens, last=j == len(batches) - 1)
+        reports.append(report)
+    return reports

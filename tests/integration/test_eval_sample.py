@@ -77,7 +77,8 @@ _MDLM_REFERENCE = textwrap.dedent("""
     from megatron_lomdm.data.loader import ShardLoader
     from megatron_lomdm.diffusion.noise import mask_uniforms, time_uniforms
     from megatron_lomdm.diffusion.time_sampling import low_discrepancy_t
-    from megatron_lomdm.training.evaluate import EVAL_NOISE_STEP, evaluate_run, open_run, weights
+    from megatron_lomdm.apps.evaluate import EVAL_NOISE_STEP, evaluate_run
+    from megatron_lomdm.apps.run import open_run, weights
 
     run = open_run(sys.argv[1])
     N, D = 24, 2
@@ -139,7 +140,7 @@ def test_evaluate_cli_json(lomdm_run: Path, tiny_shards: Path, tmp_path: Path) -
     assert json.loads(out_file.read_text()) == got
 
     from megatron_lomdm.data.shards import read_manifest
-    from megatron_lomdm.training.evaluate import checkpoint_fingerprint
+    from megatron_lomdm.apps.fingerprint import checkpoint_fingerprint
 
     manifest = read_manifest(tiny_shards)
     assert got["num_tokens"] == manifest["splits"]["valid"]["num_tokens"]  # the whole split, pads excluded
@@ -275,7 +276,7 @@ def test_genppl_judge_roundtrip(lomdm_run: Path, arm_judge: Path, tiny_shards: P
 def test_hf_judge_folder(tiny_tokenizer: Path, tmp_path: Path) -> None:
     """A local HF causal-LM folder as judge: re-tokenised text, one log-prob per token."""
     transformers = pytest.importorskip("transformers")
-    from megatron_lomdm.sampling.generate import HFJudge, judge_gen_ppl, make_judge
+    from megatron_lomdm.apps.judges import HFJudge, judge_gen_ppl, make_judge
 
     folder = tmp_path / "hf_judge"
     tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tiny_tokenizer / "tokenizer.json"))

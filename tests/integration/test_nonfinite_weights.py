@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
+from tests.helpers.dist_files import fill_dist_tensor
 from tests.helpers.runs import ROOT, clean_env, train
 
 POISONED = "fwd_head.out.3.weight"  # the forward head's last layer: every exponent becomes NaN
@@ -26,14 +26,12 @@ def _tool(tool: str, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def _poison_ema(rank_file: Path, key: str) -> int:
-    """Overwrite one EMA tensor of a rank file with NaN in place (same file size); returns its numel."""
-    size = rank_file.stat().st_size
-    state = torch.load(rank_file, weights_only=True)
-    state["ema"]["shadow"][key].fill_(float("nan"))
-    torch.save(state, rank_file)
-    assert rank_file.stat().st_size == size
-    return state["ema"]["shadow"][key].numel()
+def _poison_ema(step_dir: Path, key: str) -> int:
+    """Overwrite one EMA tensor of a checkpoint with NaN in place (same file sizes); returns its numel.
+
+    Format 2 keeps the EMA in dist/, sharded like the weights, under ``ema.<key>``.
+    """
+    return fill_dist_tensor(step_dir / "dist", f"ema.{key}")
 
 
 def _assert_names_nan_ema(proc: subprocess.CompletedProcess, run_dir: Path, numel: int) -> None:
@@ -49,7 +47,7 @@ def nan_ema_run(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     run_dir = tmp_path_factory.mktemp("nonfinite") / "lomdm"
     out = train(run_dir, tiny_shards, "train.steps=2", "checkpoint.interval=2", "optim.ema_decay=0.5")
     assert out.returncode == 0, out.stderr[-3000:]
-    numel = _poison_ema(run_dir / "checkpoints" / STEP_FOLDER / "rank_000_000.pt", POISONED)
+    numel = _poison_ema(run_dir / "checkpoints" / STEP_FOLDER, POISONED)
     return run_dir, numel
 
 

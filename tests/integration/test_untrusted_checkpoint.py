@@ -83,8 +83,8 @@ CASES = {  # name: (backend, poison, extra environment)
     "dcp_byte_item": ("megatron", poison_distcp_item, {}),
     "megatron_common_pt": ("megatron", poison_torch_file("dist/common.pt"),
                            {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}),
-    "deepspeed_model_states": ("deepspeed", poison_torch_file("dist/ds/mp_rank_00_model_states.pt"), {}),
-    "deepspeed_optim_states": ("deepspeed", poison_torch_file("dist/ds/zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+    "deepspeed_model_states": ("deepspeed", poison_torch_file("deepspeed/ds/mp_rank_00_model_states.pt"), {}),
+    "deepspeed_optim_states": ("deepspeed", poison_torch_file("deepspeed/ds/zero_pp_rank_0_mp_rank_00_optim_states.pt"),
                                {}),
 }
 

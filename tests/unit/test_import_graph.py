@@ -34,7 +34,7 @@ LAYERS = {
     "config": 0, "utils": 0,
     "diffusion": 1,
     "losses": 2,
-    "models": 3, "data": 3, "tracking": 3, "sampling": 3,
+    "models": 3, "data": 3, "tracking": 3, "sampling": 3, "puzzles": 3,
     "distributed": 4,
     "training": 5, "checkpoint": 5,
     "apps": 6,
@@ -45,19 +45,8 @@ PURE = {1: {"torch"}, 2: {"torch"}}  # layer -> third-party top-level packages i
 
 # (importer, imported) -> the issue-18 item that removes it.
 KNOWN_UPWARD: dict[tuple[str, str], str] = {
-    # item 1 "one step": training/step.py is the only home of forward_backward; the Engine protocol
-    # shrinks to module/params, zero_grad, set_lr, backward/step, no-sync, state; distributed/ stops
-    # importing training/ (wrap drives the step lazily; DeepSpeed hands its own _TrainingStep back).
-    ("megatron_lomdm.distributed.wrap", "megatron_lomdm.training.step"): "1: one step",
-    ("megatron_lomdm.distributed.deepspeed_engine", "megatron_lomdm.training.step"): "1: one step",
-    # item 3 "an app layer": sampling/ becomes pure samplers; generate/judges (weights, run judges,
-    # clean_launcher_env) move to apps/.
-    ("megatron_lomdm.sampling.generate", "megatron_lomdm.training.evaluate"): "3: app layer",
-    # item 3: training/evaluate.py is a shim that re-exports apps/ names for sampling/generate.py
-    # (the line above); delete it with that import.
-    ("megatron_lomdm.training.evaluate", "megatron_lomdm.apps.evaluate"): "3: app layer",
-    ("megatron_lomdm.training.evaluate", "megatron_lomdm.apps.fingerprint"): "3: app layer",
-    ("megatron_lomdm.training.evaluate", "megatron_lomdm.apps.run"): "3: app layer",
+    # (item 3, sampling/generate.py -> training/evaluate.py -> apps/, is gone: generation and the
+    # judges live in apps/generate.py and apps/judges.py; sampling/ is pure samplers.)
 }
 # Cycles among non-upward imports: ("folders" | "modules", members) -> the issue-18 item that removes it.
 KNOWN_CYCLES: dict[tuple[str, frozenset[str]], str] = {
@@ -65,10 +54,6 @@ KNOWN_CYCLES: dict[tuple[str, frozenset[str]], str] = {
     # build_run) while training/build.py uses checkpoint/; the HF export moves to apps/ and reads
     # through the one checkpoint reader.
     ("folders", frozenset({"checkpoint", "training"})): "2+3: HF export in apps/",
-    # item 1: wrap.build_engine imports DeepSpeedEngine (lazily), which imports wrap's decays and
-    # is_head_param; the shrunk Engine protocol puts the shared parameter rules below both.
-    ("modules", frozenset({"megatron_lomdm.distributed.deepspeed_engine",
-                           "megatron_lomdm.distributed.wrap"})): "1: one step, one Engine protocol",
     # (item 4, data/'s blend <-> loader <-> shards <-> sources cycle, is gone: keep it that way.)
 }
 

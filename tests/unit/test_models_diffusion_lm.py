@@ -2,7 +2,7 @@
 (method.md §3.4's table) and the clean pass's dropout choice (`model.clean_pass_dropout`).
 
 Phase one runs through both backends' code: `training.step.phase_one` (megatron-core's schedule;
-CPU shims 1-4) and the DeepSpeed engine's module `_TrainingStep` (plain torch, no DeepSpeed).
+CPU shims 1-4) and the DeepSpeed engine's module `training.step.MicroBatchStep` (plain torch, no DeepSpeed).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from megatron_lomdm.config import Config
 from megatron_lomdm.config.schema import DiffusionConfig, ModelConfig, TrainConfig
-from megatron_lomdm.distributed.deepspeed_engine import _TrainingStep
+from megatron_lomdm.training.step import MicroBatchStep
 from megatron_lomdm.losses.nelbo import main_term, velocity_term
 from megatron_lomdm.losses.rloo import rloo_surrogate
 from megatron_lomdm.models import diffusion_lm
@@ -102,7 +102,7 @@ def test_gradient_routing_of_the_loss_terms(session, backend: str, monkeypatch: 
             fwd_logits_BL = phase_one(model, [b], seq_length=L, micro_batch_size=B, device=CPU)[0]
             terms, _ = model(b["tokens"], b["valid"], b["sample_index"], 0, fwd_logits_BL=fwd_logits_BL)
         else:
-            _, terms, _ = _TrainingStep(model)(b["tokens"], b["valid"], b["sample_index"], 0)
+            _, terms, _ = MicroBatchStep(model)(b["tokens"], b["valid"], b["sample_index"], 0)
     finally:
         hook.remove()
     assert grad_modes == [False, True], grad_modes  # phase one under no_grad, phase two with grad

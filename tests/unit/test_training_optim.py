@@ -17,7 +17,8 @@ import torch
 from megatron_lomdm.config import Config
 from megatron_lomdm.config.schema import DiffusionConfig, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from megatron_lomdm.distributed.deepspeed_engine import DeepSpeedEngine, deepspeed_config, param_groups
-from megatron_lomdm.distributed.wrap import MegatronEngine, decays, is_head_param
+from megatron_lomdm.distributed.megatron_engine import MegatronEngine
+from megatron_lomdm.distributed.params import decays, is_head_param
 from megatron_lomdm.training.build import build_model
 from megatron_lomdm.training.optim import EMA, lr_multiplier
 from tests.helpers.cpu_megatron import megatron_cpu_session

@@ -1,7 +1,9 @@
 """Configuration of the exported LoMDM / OeMDM diffusion LM (``model_type = "lomdm"``).
 
-Self-contained: imports only ``transformers`` (``save_pretrained`` copies this file next to the
-weights, and ``from_pretrained(..., trust_remote_code=True)`` loads it from there).
+Runs without ``megatron_lomdm``: it imports ``transformers`` and, through ``oemdm_math``, the
+project's family registry, whose rules check the family's settings (``save_pretrained`` copies this
+file next to the weights, the exporter ships ``oemdm_math`` and what it imports, and
+``from_pretrained(..., trust_remote_code=True)`` loads them from there).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-FAMILIES = ("mdlm", "poly", "arm", "bd3lm", "genmd4", "lomdm", "multivariate")
+from .oemdm_math import FAMILY_SPECS
 
 
 class LoMDMConfig(PretrainedConfig):
@@ -75,12 +77,9 @@ class LoMDMConfig(PretrainedConfig):
         native_config: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        if family not in FAMILIES:
-            raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-        if family in ("lomdm", "multivariate") and not c1 > c2 >= 0:
-            raise ValueError(f"the {family} family needs c1 > c2 >= 0, got c1={c1}, c2={c2}")
-        if family == "poly" and not c1 > 0:
-            raise ValueError(f"the poly family needs c1 > 0, got {c1}")
+        if family not in FAMILY_SPECS:
+            raise ValueError(f"family must be one of {tuple(FAMILY_SPECS)}, got {family!r}")
+        FAMILY_SPECS[family].check(c1=c1, c2=c2, block_size=block_size, seq_length=max_position_embeddings)
         if hidden_size % num_attention_heads:
             raise ValueError(f"num_attention_heads={num_attention_heads} must divide "
                              f"hidden_size={hidden_size}")

@@ -1,8 +1,10 @@
 """The exported LoMDM / OeMDM masked diffusion LM in plain torch (``trust_remote_code`` model).
 
-Self-contained: imports only torch, transformers, math and the sibling configuration file, because
-``save_pretrained`` copies this file next to the weights and ``from_pretrained(...,
-trust_remote_code=True)`` runs it from there, without ``megatron_lomdm`` installed.
+Runs without ``megatron_lomdm``: it imports torch, transformers, the sibling configuration file and
+``oemdm_math``, through which it uses the project's own pure OeMDM code. ``save_pretrained`` copies
+this file next to the weights and the exporter (``checkpoint/hf_code.py``) ships the project's
+``diffusion/`` modules and ancestral sampler beside it, so each formula exists once: this file
+holds the network, the family's math is the project's.
 
 Shape legend: B batch, L sequence, D hidden, H heads, G key/value groups, Q head dim,
 V vocabulary (the tokenizer's, including [MASK]; the training run's padding is trimmed).
@@ -15,7 +17,8 @@ GELU -> fc2 -> residual] -> final LayerNorm (= the features f(.)) -> untied LM h
 Attention is bidirectional. The fused QKV weight keeps megatron's layout: for each key/value
 group g, the rows ``[q heads of g | k_g | v_g]``, each Q rows per head (as GPT-NeoX).
 
-The model also carries what sampling needs (method.md §3.2, §3.5):
+The OeMDM family (``config.family``) is the project's ``DiffusionFamily``, built by its registry
+from the config (``family()``); what sampling needs comes from it (method.md §3.2, §3.5):
     * lomdm: the reverse scheduler head g_psi: e_R = c1 + c2 NormSig(g_psi(f(z_t))); the forward
       head g_phi is exported too (training only: it is needed to fine-tune, not to sample);
     * genmd4: the per-token exponents w = softplus(token_exponent_raw); e_R = sum_v mu_v w_v and
@@ -23,11 +26,12 @@ The model also carries what sampling needs (method.md §3.2, §3.5):
     * multivariate: one order logit per position; e_R = c1 + c2 NormSig(order_logits), the same
       for every sequence (context-free; sequences must have the training length L);
     * mdlm / poly: the constant exponent 1 / c1; arm / bd3lm: the block slot schedule.
-``generate`` runs the OeMDM ancestral sampler on the grid linspace(1, 0, T + 1): a masked
-position unmasks from t to s with probability 1 - (s/t)^{e_R} (stay-masked (s/t)^{e_R}), draws
-its token from SUBS x_theta (the [MASK] logit is -inf; unmasked tokens are carried over), every
-remaining mask is filled at s = 0, one backbone call per step (skipped when nothing changed since
-the last call), and all sampling laws and categorical draws are fp64.
+The family's learnable parameters are this model's, under the export's weight names
+(``token_exponent_raw``, ``order_logits``). ``generate`` is the project's OeMDM ancestral sampler
+on the grid linspace(1, 0, T + 1): a masked position unmasks from t to s with probability
+1 - (s/t)^{e_R} (the family's reverse schedule for context-free families), draws its token from
+SUBS x_theta, every remaining mask is filled at s = 0, one backbone call per step (skipped when
+nothing changed since the last call), and all sampling laws and categorical draws are fp64.
 """
 
 from __future__ import annotations
@@ -42,10 +46,11 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_lomdm import LoMDMConfig
+from .oemdm_math import FAMILIES, AncestralSampler, DiffusionFamily, build_family, denoiser_from_backbone
 
 _MASKED_SCORE = -10000.0  # megatron's attention_mask_func fill value
-_CHUNK_ROWS = 256  # rows of fp64 (rows, V) blocks in the token draws
-_F64 = torch.float64
+# The family's parameter names -> the export's weight names (kept stable across exports).
+_EXPORT_NAMES = {"raw_exponent_V": "token_exponent_raw", "order_logits_L": "order_logits"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,58 +237,6 @@ class LoMDMSchedulerHead(nn.Module):
         return logits_BL - mean_B1  # centred over the valid positions, as in training
 
 
-def normsig(logits_BL: torch.Tensor, valid_BL: torch.Tensor | None = None) -> torch.Tensor:
-    """sigmoid(v) minus its mean over the valid positions of each row."""
-    sig_BL = torch.sigmoid(logits_BL)
-    if valid_BL is None:
-        return sig_BL - sig_BL.mean(-1, keepdim=True)
-    valid_BL = valid_BL.bool().expand_as(sig_BL)
-    count_B1 = valid_BL.sum(-1, keepdim=True).clamp_min(1)
-    return sig_BL - torch.where(valid_BL, sig_BL, 0.0).sum(-1, keepdim=True) / count_B1
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampling laws (fp64)
-# ---------------------------------------------------------------------------------------------
-
-
-def sampling_log_probs(logits_NV: torch.Tensor, *, mask_id: int, temperature: float = 1.0,
-                       top_p: float = 1.0) -> torch.Tensor:
-    """SUBS ([MASK] gets probability 0), temperature, then nucleus filtering; fp64 log-probs."""
-    logits_NV = logits_NV.to(_F64)
-    logits_NV = logits_NV.index_fill(1, torch.tensor([mask_id], device=logits_NV.device), -math.inf)
-    logp_NV = torch.log_softmax(logits_NV / temperature, dim=-1)
-    if top_p >= 1.0:
-        return logp_NV
-    prob_sorted, order = torch.sort(logp_NV.exp(), dim=-1, descending=True)
-    drop_sorted = (prob_sorted.cumsum(-1) - prob_sorted) >= top_p  # the top token always stays
-    drop_NV = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
-    return torch.log_softmax(logp_NV.masked_fill(drop_NV, -math.inf), dim=-1)
-
-
-def gumbel_argmax(logp_NV: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One categorical draw per row (Gumbel-max in fp64)."""
-    u_NV = torch.rand(logp_NV.shape, dtype=_F64, device=logp_NV.device, generator=generator)
-    gumbel_NV = -torch.log(-torch.log(u_NV.clamp_min(torch.finfo(_F64).tiny)))
-    return torch.argmax(logp_NV.to(_F64) + gumbel_NV, dim=-1)
-
-
-def power_unmask_prob(exponents_BL: torch.Tensor, t: float, s: float) -> torch.Tensor:
-    """P(unmasked at s | masked at t) = 1 - (s/t)^e under alpha = 1 - t^e (fp64)."""
-    log_ratio = (math.log(s) if s > 0 else -math.inf) - math.log(t)
-    return -torch.expm1(exponents_BL.to(_F64) * log_ratio)
-
-
-def slot_log_mask_prob(t: float, seq_len: int, block_size: int,
-                       device: torch.device) -> torch.Tensor:
-    """log(1 - alpha(t)) of the block slot schedule (bd3lm; arm = block 1), fp64 [L]."""
-    num_blocks = seq_len // block_size
-    block_L = torch.arange(seq_len, device=device) // block_size + 1
-    t_1 = torch.tensor([t], dtype=_F64, device=device)
-    tau_1L = num_blocks * t_1.unsqueeze(-1) - (num_blocks - block_L).to(_F64)
-    return torch.log(tau_1L.clamp(0.0, 1.0))[0]
-
-
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
@@ -321,10 +274,10 @@ class LoMDMPreTrainedModel(PreTrainedModel):
         if isinstance(module, LoMDMSchedulerHead):  # zero last layer: the polynomial schedule
             nn.init.zeros_(module.out[-1].weight)
             nn.init.zeros_(module.out[-1].bias)
-        if isinstance(module, LoMDMForMaskedDiffusion) and module.token_exponent_raw is not None:
-            nn.init.constant_(module.token_exponent_raw, math.log(math.expm1(1.0)))
-        if isinstance(module, LoMDMForMaskedDiffusion) and module.order_logits is not None:
-            nn.init.zeros_(module.order_logits)  # the polynomial schedule
+        if isinstance(module, LoMDMForMaskedDiffusion):  # the family's own initialisation
+            with torch.no_grad():
+                for name, value in module.new_family().named_parameters():
+                    getattr(module, _EXPORT_NAMES[name]).copy_(value)
 
 
 class LoMDMForMaskedDiffusion(LoMDMPreTrainedModel):
@@ -332,20 +285,18 @@ class LoMDMForMaskedDiffusion(LoMDMPreTrainedModel):
 
     Parameters: ``model.*`` (backbone), ``lm_head.weight``, and per family
     ``reverse_head.*`` + ``forward_head.*`` (lomdm), ``token_exponent_raw`` (genmd4) or
-    ``order_logits`` [L] (multivariate).
+    ``order_logits`` [L] (multivariate): the family's own parameters under their export names.
     """
 
     def __init__(self, config: LoMDMConfig) -> None:
         super().__init__(config)
         self.model = LoMDMBackbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        lomdm = config.family == "lomdm"
-        self.reverse_head = LoMDMSchedulerHead(config) if lomdm else None
-        self.forward_head = LoMDMSchedulerHead(config) if lomdm else None
-        self.token_exponent_raw = (nn.Parameter(torch.zeros(config.vocab_size))
-                                   if config.family == "genmd4" else None)
-        self.order_logits = (nn.Parameter(torch.zeros(config.max_position_embeddings))
-                             if config.family == "multivariate" else None)
+        family = self.new_family()
+        self.reverse_head = LoMDMSchedulerHead(config) if family.needs_reverse_head else None
+        self.forward_head = LoMDMSchedulerHead(config) if family.needs_clean_features else None
+        for name, value in family.named_parameters():
+            self.register_parameter(_EXPORT_NAMES[name], nn.Parameter(value.detach().clone()))
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -354,33 +305,50 @@ class LoMDMForMaskedDiffusion(LoMDMPreTrainedModel):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
+    # ---- the family -------------------------------------------------------------------------
+    def new_family(self, seq_length: int | None = None) -> DiffusionFamily:
+        """A freshly initialised family of the config for sequences of ``seq_length`` (default L),
+        built by the project's registry (its ``from_config`` checks the settings)."""
+        cfg = self.config
+        return build_family(cfg.family, vocab_size=cfg.vocab_size, mask_id=cfg.mask_id,
+                            seq_length=seq_length or cfg.max_position_embeddings,
+                            c1=cfg.c1, c2=cfg.c2, block_size=cfg.block_size)
+
+    def family(self, seq_length: int | None = None) -> DiffusionFamily:
+        """The model's family for sequences of ``seq_length``: ``new_family`` holding this model's
+        parameters (so the family's math reads the loaded weights).
+
+        Raises:
+            ValueError: If ``seq_length`` does not suit the family (e.g. a bd3lm block size that
+                does not divide it, or multivariate order logits of another length).
+        """
+        family = self.new_family(seq_length)
+        for name, fresh in list(family.named_parameters()):
+            mine = getattr(self, _EXPORT_NAMES[name])
+            if mine.shape != fresh.shape:
+                raise ValueError(f"the {self.config.family} family's {_EXPORT_NAMES[name]} has shape "
+                                 f"{tuple(mine.shape)}; sequences of length {family.seq_length} need "
+                                 f"{tuple(fresh.shape)}")
+            setattr(family, name, mine)
+        return family
+
     # ---- forward ------------------------------------------------------------------------------
-    def token_exponents(self) -> torch.Tensor:
-        """GenMD4's w = softplus(raw) [V] in fp32."""
-        return F.softplus(self.token_exponent_raw.float())
+    def _pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              output_hidden_states: bool = False) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+        """One backbone call: (logits [B, L, V], features [B, L, D], all hidden states or None)."""
+        features_BLD, all_hidden = self.model(input_ids, attention_mask, output_hidden_states)
+        return torch.matmul(features_BLD, self.lm_head.weight.t()), features_BLD, all_hidden
 
     def reverse_exponents(self, logits_BLV: torch.Tensor, features_BLD: torch.Tensor,
                           attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
-        """e_R of the family from one backbone pass (None for context-free families)."""
-        cfg = self.config
-        if cfg.family == "lomdm":
-            rev_logits_BL = self.reverse_head(features_BLD, attention_mask)
-            return cfg.c1 + cfg.c2 * normsig(rev_logits_BL.float(), attention_mask)
-        if cfg.family == "genmd4":
-            logits = logits_BLV.float().index_fill(
-                -1, torch.tensor([cfg.mask_id], device=logits_BLV.device), -math.inf)
-            return (torch.softmax(logits, dim=-1) * self.token_exponents()).sum(-1)
-        if cfg.family == "multivariate":
-            B, L = logits_BLV.shape[:2]
-            if L != self.order_logits.shape[0]:
-                raise ValueError(f"the multivariate family has one order logit per position: "
-                                 f"sequences must have length {self.order_logits.shape[0]}, got {L}")
-            v_L = self.order_logits.float()
-            v_L = v_L - v_L.mean()  # centred, as in training
-            if attention_mask is None:
-                return (cfg.c1 + cfg.c2 * normsig(v_L)).expand(B, L)
-            return cfg.c1 + cfg.c2 * normsig(v_L.expand(B, L), attention_mask)
-        return None
+        """e_R of the family from one backbone pass (None where the family's reverse schedule
+        sets them: context-free families)."""
+        if not FAMILIES[self.config.family].denoiser_exponents:
+            return None
+        valid_BL = None if attention_mask is None else attention_mask.bool()
+        _, e_BL = self.family(logits_BLV.shape[1]).denoiser_outputs(
+            logits_BLV, features_BLD, rev_head=self.reverse_head, valid_BL=valid_BL)
+        return e_BL
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 output_hidden_states: bool | None = None, return_dict: bool | None = None,
@@ -396,9 +364,8 @@ class LoMDMForMaskedDiffusion(LoMDMPreTrainedModel):
         Returns:
             ``LoMDMOutput`` (logits [B, L, V], last_hidden_state, reverse_exponents, ...).
         """
-        features_BLD, all_hidden = self.model(input_ids, attention_mask,
-                                              bool(output_hidden_states))
-        logits_BLV = torch.matmul(features_BLD, self.lm_head.weight.t())
+        logits_BLV, features_BLD, all_hidden = self._pass(input_ids, attention_mask,
+                                                          bool(output_hidden_states))
         rev_BL = self.reverse_exponents(logits_BLV, features_BLD, attention_mask)
         out = LoMDMOutput(logits=logits_BLV, last_hidden_state=features_BLD,
                           reverse_exponents=rev_BL, hidden_states=all_hidden)
@@ -411,49 +378,17 @@ class LoMDMForMaskedDiffusion(LoMDMPreTrainedModel):
         if self.forward_head is None:
             raise ValueError(f"family {self.config.family!r} has no forward scheduler head")
         features_BLD, _ = self.model(input_ids, attention_mask)
-        cfg = self.config
-        return cfg.c1 + cfg.c2 * normsig(self.forward_head(features_BLD, attention_mask),
-                                         attention_mask)
+        valid_BL = None if attention_mask is None else attention_mask.bool()
+        fwd_logits_BL = self.forward_head(features_BLD, attention_mask)
+        return self.family(input_ids.shape[1]).exponents(fwd_logits_BL, valid_BL)
 
     # ---- sampling -----------------------------------------------------------------------------
-    def _denoise(self, z_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One backbone call: (logits to draw tokens from, e_R or None)."""
-        out = self(input_ids=z_BL)
-        if self.config.family == "genmd4":
-            return out.logits.float() + self.token_exponents().log(), out.reverse_exponents
-        return out.logits, out.reverse_exponents
-
-    def _unmask_prob(self, e_BL: torch.Tensor | None, masked_BL: torch.Tensor, t: float,
-                     s: float) -> torch.Tensor:
-        cfg = self.config
-        if e_BL is None and cfg.family in ("arm", "bd3lm"):
-            block = 1 if cfg.family == "arm" else cfg.block_size
-            L = masked_BL.shape[1]
-            lm_t = slot_log_mask_prob(t, L, block, masked_BL.device)
-            lm_s = slot_log_mask_prob(s, L, block, masked_BL.device)
-            p_L = -torch.expm1(lm_s - lm_t)
-            return torch.where(torch.isneginf(lm_t), 1.0, p_L).clamp(0.0, 1.0)
-        if e_BL is None:
-            exponent = 1.0 if cfg.family == "mdlm" else cfg.c1
-            e_BL = torch.full(masked_BL.shape, exponent, dtype=_F64, device=masked_BL.device)
-        return power_unmask_prob(e_BL, t, s)
-
-    def _initial_tokens(self, num_samples: int, seq_length: int,
-                        prompt_ids: torch.Tensor | None) -> torch.Tensor:
-        mask_id = self.config.mask_id
-        if prompt_ids is None:
-            return torch.full((num_samples, seq_length), mask_id, dtype=torch.long,
-                              device=self.device)
-        if prompt_ids.dim() != 2:
-            raise ValueError(f"prompt_ids must be [B, L], got shape {tuple(prompt_ids.shape)}")
-        return prompt_ids.to(device=self.device, dtype=torch.long).clone()
-
     @torch.no_grad()
     def generate(self, num_samples: int = 1, steps: int | None = None, seed: int | None = None,
                  temperature: float = 1.0, top_p: float = 1.0, seq_length: int | None = None,
                  prompt_ids: torch.Tensor | None = None, use_cache: bool = True,
                  return_dict: bool = False) -> torch.LongTensor | dict:
-        """Unconditional (or infilling) generation with the OeMDM ancestral sampler.
+        """Unconditional (or infilling) generation with the project's OeMDM ancestral sampler.
 
         Args:
             num_samples: B (ignored with ``prompt_ids``).
@@ -470,50 +405,19 @@ class LoMDMForMaskedDiffusion(LoMDMPreTrainedModel):
             Token ids [B, L] with no [MASK] left (ids < ``config.vocab_size``), or a dict with
             ``sequences``, ``num_calls`` and ``num_steps``.
         """
-        cfg = self.config
-        if not temperature > 0 or not 0 < top_p <= 1:
-            raise ValueError(f"need temperature > 0 and top_p in (0, 1], "
-                             f"got {temperature}, {top_p}")
-        z_BL = self._initial_tokens(num_samples, seq_length or cfg.max_position_embeddings,
-                                    prompt_ids)
-        L = z_BL.shape[1]
-        if cfg.family in ("arm", "bd3lm") and L % (1 if cfg.family == "arm" else cfg.block_size):
-            raise ValueError(f"seq_length={L} is not a multiple of block_size={cfg.block_size}")
-        steps = steps or L
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        grid = torch.linspace(1.0, 0.0, steps + 1, dtype=_F64)
-        cache, num_calls, num_steps = None, 0, 0
-        for k in range(steps):
-            masked_BL = z_BL == cfg.mask_id
-            if not bool(masked_BL.any()):
-                break
-            num_steps += 1
-            if cache is None or not use_cache:
-                cache = self._denoise(z_BL.clone())
-                num_calls += 1
-            logits_BLV, e_BL = cache
-            t, s = float(grid[k]), float(grid[k + 1])
-            if k == steps - 1:
-                p_BL = torch.ones(masked_BL.shape, dtype=_F64, device=masked_BL.device)
-            else:
-                p_BL = self._unmask_prob(e_BL, masked_BL, t, s).expand(masked_BL.shape)
-            u_BL = torch.rand(masked_BL.shape, dtype=_F64, device=masked_BL.device,
-                              generator=generator)
-            select_BL = masked_BL & (u_BL < p_BL)
-            tokens = [
-                gumbel_argmax(sampling_log_probs(logits_BLV[rows[:, 0], rows[:, 1]],
-                                                 mask_id=cfg.mask_id, temperature=temperature,
-                                                 top_p=top_p), generator)
-                for rows in torch.split(torch.nonzero(select_BL), _CHUNK_ROWS)
-            ]
-            new_N = torch.cat(tokens) if tokens else z_BL.new_empty(0)
-            if new_N.numel():
-                z_BL[select_BL] = new_N.to(z_BL.dtype)
-                cache = None
+        if prompt_ids is not None and prompt_ids.dim() != 2:
+            raise ValueError(f"prompt_ids must be [B, L], got shape {tuple(prompt_ids.shape)}")
+        L = prompt_ids.shape[1] if prompt_ids is not None else seq_length or self.config.max_position_embeddings
+        family = self.family(L)
+        denoise = denoiser_from_backbone(lambda z_BL: self._pass(z_BL)[:2], family=family,
+                                         rev_head=self.reverse_head)
+        sampler = AncestralSampler(mask_id=self.config.mask_id, num_steps=steps or L, family=family,
+                                   temperature=temperature, top_p=top_p, use_cache=use_cache)
+        generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
+        prompt_BL = None if prompt_ids is None else prompt_ids.to(device=self.device, dtype=torch.long)
+        res = sampler.sample(denoise, batch_size=None if prompt_BL is not None else num_samples,
+                             seq_length=None if prompt_BL is not None else L, prompt_BL=prompt_BL,
+                             generator=generator, device=self.device)
         if return_dict:
-            return {"sequences": z_BL, "num_calls": num_calls, "num_steps": num_steps}
-        return z_BL
+            return {"sequences": res.tokens_BL, "num_calls": res.num_calls, "num_steps": res.num_steps}
+        return res.tokens_BL

@@ -1,72 +1,24 @@
-"""Data parallelism behind one interface: megatron-core DDP + (distributed) optimizer, or DeepSpeed.
+"""`parallel.backend=megatron`: mcore DDP + (distributed) optimizer behind the `Engine` protocol.
 
-An `Engine` owns the data-parallel wrapper, the optimizer and its checkpoint state; the loop only
-calls `zero_grad`, `set_lr`, `step` and the state methods, and hands `engine.module` to
-megatron-core's forward/backward schedule. Gradients are token sums; `finalize_model_grads`
-(megatron) divides them by the global number of valid tokens after the data-parallel reduce, so
-every layout computes the gradient of the same per-token loss.
-
-Supported layouts (anything else raises ValueError before work starts):
-
-| backend  | zero | TP | PP | what it is                                                   |
-|----------|------|----|----|--------------------------------------------------------------|
-| megatron | 0    | ✓  | ✓  | mcore DDP (fp32 grad buffers, optional overlap) + Adam        |
-| megatron | 1    | ✓  | ✓  | + DistributedOptimizer (optimizer state sharded over DP)      |
-| deepspeed| 0-3  | ✓  | 1  | DeepSpeed engine, megatron TP through an mpu adapter          |
+megatron-core's pipeline schedule runs each micro-batch's forward and backward on `module` (the
+DDP-wrapped DiffusionLM); `finalize_model_grads` divides the token-sum gradients by the global
+number of valid tokens after the data-parallel reduce (`calculate_per_token_loss`).
 """
 
 from __future__ import annotations
 
 import math
 import queue
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
 from megatron_lomdm.config import Config
-from megatron_lomdm.utils.logging import get_logger
+from megatron_lomdm.distributed.params import SHARDING
+from megatron_lomdm.distributed.params import decays, is_head_param
 from megatron_lomdm.utils.proc import forks_die_with_parent
-
-log = get_logger(__name__)
-HEAD_PREFIXES = ("fwd_head.", "rev_head.", "family.")
-
-
-class Engine(Protocol):
-    """What the loop needs from a data-parallel backend."""
-
-    module: nn.Module
-
-    def forward_backward(self, data_iterator: Iterator[dict], *, step: int, num_microbatches: int, seq_length: int,
-                         micro_batch_size: int, device: torch.device, forward_only: bool = False) -> list[dict]:
-        """Forward (and backward) `num_microbatches` micro-batches; returns their loss reports."""
-        ...
-
-    def zero_grad(self) -> None: ...
-    def set_lr(self, multiplier: float) -> float: ...
-    def step(self) -> tuple[bool, float]: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-    def save_sharded(self, folder: Path) -> None: ...
-    def state_bytes(self) -> dict[str, int]: ...
-    def load_sharded(self, folder: Path) -> None: ...
-
-
-def is_head_param(name: str) -> bool:
-    return name.startswith(HEAD_PREFIXES) or any(f".{p}" in name for p in HEAD_PREFIXES)
-
-
-def decays(name: str, param: torch.Tensor) -> bool:
-    """Whether `optim.weight_decay` applies to a parameter: one rule for both backends.
-
-    Decayed: weight matrices and embeddings (2+ dims), of the backbone and the scheduler heads.
-    Exempt: biases and LayerNorm weights (1 dim, heads included) and the family's parameters
-    (GenMD4's exponents).
-    """
-    is_family = name.startswith("family.") or ".family." in name
-    return param.dim() >= 2 and not is_family
 
 
 class MegatronEngine:
@@ -78,7 +30,7 @@ class MegatronEngine:
     OptimizerParamScheduler, which would, is not used).
     """
 
-    SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+    pipeline_schedule = True  # megatron-core's schedule runs forward and backward on `module`
 
     def __init__(self, model: nn.Module, cfg: Config) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -116,13 +68,8 @@ class MegatronEngine:
         self.weight_decay = cfg.optim.weight_decay
         self.set_lr(1.0)  # per-group lr and weight decay from their multipliers
 
-    def forward_backward(self, data_iterator: Iterator[dict], *, step: int, num_microbatches: int, seq_length: int,
-                         micro_batch_size: int, device: torch.device, forward_only: bool = False) -> list[dict]:
-        from megatron_lomdm.training.step import forward_backward
-
-        return forward_backward(self.module, data_iterator, step=step, num_microbatches=num_microbatches,
-                                seq_length=seq_length, micro_batch_size=micro_batch_size, device=device,
-                                forward_only=forward_only)
+    def backward(self, loss_sum: torch.Tensor, *, global_tokens: int, last: bool) -> None:
+        raise NotImplementedError("the megatron backend backpropagates inside megatron-core's schedule")
 
     def zero_grad(self) -> None:
         self.module.zero_grad_buffer()
@@ -171,45 +118,51 @@ class MegatronEngine:
         out["num_params"] = sum(p.numel() for p in params)
         return out
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}  # model and optimizer state go through dist_checkpointing (save_sharded)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
     def _optimizer_has_state(self) -> bool:
         inner = [o.optimizer for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
         return any(len(o.state) for o in inner)
 
     def _sharded(self, is_loading: bool, with_optimizer: bool) -> dict[str, Any]:
-        model_sd = self.module.module.sharded_state_dict(metadata=self.SHARDING)
+        model_sd = self.module.module.sharded_state_dict(metadata=SHARDING)
         if not with_optimizer:
             return {"model": model_sd}
         return {"model": model_sd,
-                "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=self.SHARDING)}
+                "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=SHARDING)}
 
-    def save_sharded(self, folder: Path) -> None:
-        """Model and optimizer via dist_checkpointing. Before the first update Adam has no state
-        (megatron cannot save an empty one); then only the model is saved and a marker says so."""
-        from megatron.core import dist_checkpointing
+    def save_sharded(self, folder: Path, extra: dict[str, Any]) -> None:
+        """Model, optimizer and the caller's `extra` sharded entries (the EMA) via dist_checkpointing.
 
+        Before the first update Adam has no state (megatron cannot save an empty one); then only
+        the model is saved and a marker says so.
+        """
         folder.mkdir(parents=True, exist_ok=True)
         with_optimizer = self._optimizer_has_state()
-        _write_results_in_process()
-        with forks_die_with_parent():  # its forked writers must not outlive a killed trainer
-            dist_checkpointing.save(self._sharded(is_loading=False, with_optimizer=with_optimizer), str(folder))
+        write_dist_checkpoint({**self._sharded(is_loading=False, with_optimizer=with_optimizer), **extra}, folder)
         if not with_optimizer and torch.distributed.get_rank() == 0:
             (folder / "NO_OPTIMIZER_STATE").touch()
 
-    def load_sharded(self, folder: Path) -> None:
+    def load_sharded(self, folder: Path, extra: dict[str, Any] | None) -> dict[str, Any]:
+        """Load model and optimizer in place; returns the loaded `extra` entries (None: none)."""
         from megatron.core import dist_checkpointing
 
+        extra = extra or {}
         with_optimizer = not (folder / "NO_OPTIMIZER_STATE").exists()
-        state = dist_checkpointing.load(self._sharded(is_loading=True, with_optimizer=with_optimizer), str(folder))
+        state = dist_checkpointing.load({**self._sharded(is_loading=True, with_optimizer=with_optimizer), **extra},
+                                        str(folder))
         self.module.module.load_state_dict(state["model"], strict=False)
         if with_optimizer:
             with torch.no_grad():  # mcore: loading optimizer state in place needs no autograd
                 self.optimizer.load_state_dict(state["optimizer"])
+        return {key: state[key] for key in extra}
+
+
+def write_dist_checkpoint(sharded_state_dict: dict[str, Any], folder: Path) -> None:
+    """`dist_checkpointing.save`, synchronously, its forked writers bound to this process."""
+    from megatron.core import dist_checkpointing
+
+    _write_results_in_process()
+    with forks_die_with_parent():  # its forked writers must not outlive a killed trainer
+        dist_checkpointing.save(sharded_state_dict, str(folder))
 
 
 def _write_results_in_process() -> None:
@@ -220,12 +173,3 @@ def _write_results_in_process() -> None:
 
     if filesystem_async._results_queue is None:
         filesystem_async._results_queue = queue.Queue()
-
-
-def build_engine(model: nn.Module, cfg: Config) -> Engine:
-    """The engine for `parallel.backend`."""
-    if cfg.parallel.backend == "megatron":
-        return MegatronEngine(model, cfg)
-    from megatron_lomdm.distributed.deepspeed_engine import DeepSpeedEngine
-
-    return DeepSpeedEngine(model, cfg)
