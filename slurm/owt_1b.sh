@@ -1,6 +1,8 @@
 #!/bin/bash
-# LoMDM 1B on OpenWebText (configs/experiments/owt_1b.yaml): 4 nodes x 8 GPUs, TP=2 x DP=16,
-# ZeRO-1 distributed optimizer, global batch 512 = micro 8 x DP 16 x 4 accumulation steps.
+# LoMDM 1B on OpenWebText (configs/experiments/owt_1b.yaml): 4 nodes x 8 GPUs, TP=1 x DP=32,
+# ZeRO-1 distributed optimizer, global batch 512 = micro 8 x DP 32 x 2 accumulation steps
+# (the fastest layout that fits, per `python tools/plan.py --config configs/experiments/owt_1b.yaml`;
+# docs/scaling.md). With other --nodes keep TP=1: DP = 8 x nodes must divide 512 / 8.
 # Signal 300 s before the limit: a 1B checkpoint with optimizer state is ~15-20 GB to write.
 #
 #   sbatch slurm/owt_1b.sh [dotted.key=value ...]          (from the repository root)
