@@ -185,7 +185,11 @@ def _state_problem(run: Run, sd: Any, step: int, path: Path, format_2: bool) -> 
 
 
 def _read_checkpoint(run: Run, step: int) -> tuple[dict[str, Any] | None, str | None]:
-    """This rank's state of checkpoint `step` if its files and entries are sound, else what is wrong."""
+    """This rank's state of checkpoint `step` if its files and entries are sound, else what is wrong.
+
+    Raises:
+        LayoutMismatch: the checkpoint cannot be resumed on this layout (not damage: no fallback).
+    """
     ckpt = run.ckpt
     problem = ckpt.check(step)
     if problem is not None:
@@ -214,7 +218,14 @@ def resume(run: Run) -> int | None:
     """
     damaged = []
     for step in run.ckpt.resume_candidates():
-        sd, problem = _read_checkpoint(run, step)
+        refused = None
+        try:
+            sd, problem = _read_checkpoint(run, step)
+        except LayoutMismatch as err:  # raised on every rank below, after the collective
+            sd, problem, refused = None, None, str(err)
+        refused = first_problem(refused)
+        if refused is not None:
+            raise LayoutMismatch(refused)
         problem = first_problem(problem)
         if problem is None:
             load_checkpoint(run, step, sd)
