@@ -11,6 +11,9 @@ STAMP := $(VENV)/.installed-$(shell cat $(PINS) setup.py | sha1sum | cut -c1-12)
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONDONTWRITEBYTECODE := 1
+# pip's notices on a fresh .venv are harmless: its bin/ is not on PATH by design (README: activate
+# it or call .venv/bin/python), and pip upgrades itself first
+PIP_QUIET := -q --no-warn-script-location --disable-pip-version-check
 
 .PHONY: setup demo test bench bench-learning bench-order clean-demo
 
@@ -19,10 +22,10 @@ setup: $(STAMP)
 $(STAMP): $(PINS) setup.py
 	@command -v $(PYTHON_BOOT) >/dev/null || { echo "need $(PYTHON_BOOT) (Python 3.11) on PATH"; exit 1; }
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install $(PIP_QUIET) --upgrade pip setuptools wheel
 	# torch first and alone: this takes the CPU wheel on the build machines (the Dockerfile swaps in CUDA)
-	$(PY) -m pip install -q "$(TORCH_PIN)"
-	DS_BUILD_OPS=0 $(PY) -m pip install -q -c $(PINS) -e ".[test]"
+	$(PY) -m pip install $(PIP_QUIET) "$(TORCH_PIN)"
+	DS_BUILD_OPS=0 $(PY) -m pip install $(PIP_QUIET) -c $(PINS) -e ".[test]"
 	$(PY) -c "import torch, megatron.core, deepspeed, webdataset, wids, mlflow, submitit, transformers; print('stack OK: torch', torch.__version__)"
 	@rm -f $(VENV)/.installed-*
 	@touch $@

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
@@ -40,6 +41,8 @@ from megatron_lomdm.data.demo_corpus import write_demo_corpus  # noqa: E402
 from megatron_lomdm.data.loader import ShardLoader  # noqa: E402
 from megatron_lomdm.data.shards import read_manifest, read_split, write_shards  # noqa: E402
 from megatron_lomdm.data.tokenize import train_bpe_tokenizer  # noqa: E402
+
+from common import Progress  # noqa: E402
 
 
 def build_input(work: Path, megabytes: float) -> Path:
@@ -152,7 +155,7 @@ def their_stream(prefix: Path) -> np.ndarray:
 
 
 def compare_megatron_lm(mlm: Path, inp: Path, tok: Path, work: Path, workers: list[int], seq_length: int,
-                        pairs: int) -> dict:
+                        pairs: int, progress: Progress) -> dict:
     """Our preprocess CLI vs Megatron-LM's on the same input and tokenizer, alternating, timed whole."""
     root = Path(__file__).resolve().parents[1]
     script = mlm / "tools" / "preprocess_data.py"
@@ -164,6 +167,7 @@ def compare_megatron_lm(mlm: Path, inp: Path, tok: Path, work: Path, workers: li
     size = inp.stat().st_size
     out: dict = {"megatron_lm_dir": str(mlm), "input_bytes": size, "by_workers": {}}
     for w in workers:
+        progress.step(f"ours vs Megatron-LM's preprocessing, {w} worker(s), {pairs} pair(s)")
         ours_dir, theirs_prefix = work / f"cmp_ours_w{w}", work / f"cmp_theirs_w{w}" / "data"
         theirs_prefix.parent.mkdir(parents=True, exist_ok=True)
         ours_cmd = [sys.executable, str(root / "tools" / "preprocess_data.py"), "--input", str(inp), "--output-dir",
@@ -213,12 +217,16 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work = Path(args.work)
+    progress = Progress("data", 2 + len(args.workers) + (len(args.workers) if args.megatron_lm else 0))
+    progress.step(f"input ({args.mb:g} MB) and a {args.vocab_size}-token BPE")
     inp = build_input(work, args.mb)
     tok = train_bpe_tokenizer([work / "demo"], work / "tokenizer", vocab_size=args.vocab_size)
-    runs = {
-        f"workers_{w}": bench_preprocess(inp, tok, work, w, args.seq_length) for w in args.workers
-    }
+    runs = {}
+    for w in args.workers:
+        progress.step(f"preprocessing with {w} worker(s)")
+        runs[f"workers_{w}"] = bench_preprocess(inp, tok, work, w, args.seq_length)
     shas = {r["sha256_first_shard"] for r in runs.values()}
+    progress.step("loader tokens/s")
     loader = bench_loader(
         work / f"shards_w{args.workers[0]}", micro_batch_size=8, global_batch_size=64, steps=50
     )
@@ -235,7 +243,7 @@ def main() -> None:
     }
     if args.megatron_lm:
         result["megatron_lm"] = compare_megatron_lm(Path(args.megatron_lm), inp, tok, work, args.workers,
-                                                    args.seq_length, args.pairs)
+                                                    args.seq_length, args.pairs, progress)
     line = json.dumps(result)
     print(line)
     if args.out:

@@ -32,6 +32,23 @@ BENCH_SHAPE = {"num_layers": 4, "hidden_size": 256, "num_heads": 4, "seq_length"
                "batch": 8}
 
 
+class Progress:
+    """A line per run of a benchmark loop, on stderr as the run starts: `[zero_memory 2/5, 41 s] deepspeed ZeRO-1`.
+
+    Benchmarks print their figures at the end; this says meanwhile what is running, how far the loop is
+    and how long it has taken so far.
+    """
+
+    def __init__(self, name: str, total: int) -> None:
+        self.name, self.total, self.count, self.t0 = name, total, 0, time.time()
+
+    def step(self, what: str) -> None:
+        """Announce the next run (`what`)."""
+        self.count += 1
+        print(f"[{self.name} {self.count}/{self.total}, {time.time() - self.t0:.0f} s] {what}", file=sys.stderr,
+              flush=True)
+
+
 def ensure_shards(seq_length: int = 128, vocab_size: int = 8192, max_bytes: int | None = 2_000_000) -> Path:
     """Packed shards of the demo corpus (as tests/conftest.py builds them), cached under bench/_work."""
     from megatron_lomdm.data.demo_corpus import write_demo_corpus

@@ -32,8 +32,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from common import (BENCH_SHAPE, RESULTS, config_hash, ensure_shards, environment, interleaved_ratio,  # noqa: E402
-                    make_config, record)
+from common import (BENCH_SHAPE, RESULTS, Progress, config_hash, ensure_shards, environment,  # noqa: E402
+                    interleaved_ratio, make_config, record)
 
 aten = torch.ops.aten
 
@@ -281,6 +281,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from megatron_lomdm.utils.flops import step_flops
 
     shards = ensure_shards(BENCH_SHAPE["seq_length"], BENCH_SHAPE["vocab_size"])
+    # one line per measurement: building the runs, then each selected one (flop_counter measures two)
+    progress = Progress("cpu_ratios", 1 + len(only) + ("flop_counter" in only))
+    progress.step("building the MDLM, LoMDM" + (" and ARM runs" if "mdlm_arm" in only else " runs"))
     runs = {}
     for name, fam, c1, c2 in (("mdlm", "mdlm", None, None), ("lomdm", "lomdm", 0.7, 0.65), ("arm", "arm", None, None)):
         if name == "arm" and "mdlm_arm" not in only:
@@ -295,6 +298,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     flops = {k: r.flops_per_step for k, r in runs.items()}
 
     if "lomdm_mdlm" in only:
+        progress.step(f"LoMDM/MDLM step, {args.pairs} interleaved pairs, then the phase breakdown")
         predicted = flops["lomdm"] / flops["mdlm"]
         res = interleaved_ratio(step_fn(mdlm), step_fn(lomdm), pairs=args.pairs)
         phases = {"mdlm": phase_breakdown(mdlm, args.reps), "lomdm": phase_breakdown(lomdm, args.reps)}
@@ -309,6 +313,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     if "flop_counter" in only:
         for name in ("mdlm", "lomdm"):
+            progress.step(f"our FLOP counter vs FlopCounterMode, {name}")
             counted, per_op = counted_step_flops(runs[name], cpu_sdpa=True)
             raw, raw_per_op = counted_step_flops(runs[name], cpu_sdpa=False)
             ours = runs[name].flops_per_step
@@ -319,12 +324,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                cfg_hash=config_hash(runs[name].cfg), out=out, env=env))
 
     if "megatron_plain" in only:
+        progress.step(f"megatron-core backbone vs plain PyTorch, {args.pairs} pairs")
         res = megatron_vs_plain(mdlm, args.pairs)
         res.update(info)
         rows.append(record("megatron_backbone/plain_torch", res, predicted=1.0, band=(0.8, 1.2),
                            cfg_hash=config_hash(mdlm.cfg), out=out, env=env))
 
     if "mdlm_arm" in only:
+        progress.step(f"MDLM/ARM step, {args.pairs} pairs")
         res = interleaved_ratio(step_fn(runs["arm"]), step_fn(mdlm), pairs=args.pairs)
         res.update(info, flops_ratio=flops["mdlm"] / flops["arm"])
         rows.append(record("mdlm_step/arm_step", res, predicted=1.05, band=(0.95, 1.15),

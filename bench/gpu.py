@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT, WORK, config_hash, ensure_shards, environment, record  # noqa: E402
+from common import RESULTS, ROOT, WORK, Progress, config_hash, ensure_shards, environment, record  # noqa: E402
 
 NOMINAL = 989.4e12
 CASES = {  # name -> (config, overrides, micro-batch sweep)
@@ -173,9 +173,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     record("gpu/ceilings", ceil, out=out, env=env)
     ceiling_flops = ceil["gemm_tflops"] * 1e12
     rows = []
-    for case in args.cases:
-        sweep = CASES[case][2][:2] if args.dry_run else CASES[case][2]
+    sweeps = {case: CASES[case][2][:2] if args.dry_run else CASES[case][2] for case in args.cases}
+    progress = Progress("gpu", sum(len(s) for s in sweeps.values()))
+    for case, sweep in sweeps.items():
         for mb in sweep:
+            progress.step(f"{case}, micro-batch {mb}")
             r = launch(case, mb, args, shards)
             if r["status"] == "measured":
                 r["mfu_nominal"] = r["tflops"] * 1e12 / NOMINAL

@@ -24,12 +24,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from megatron_lomdm.apps.evaluate import evaluate_run, read_eval_sequences  # noqa: E402
 from megatron_lomdm.apps.run import close_run, open_run  # noqa: E402
 from megatron_lomdm.diffusion.lomdm import LoMDMFamily  # noqa: E402
 from megatron_lomdm.diffusion.multivariate import MultivariateFamily  # noqa: E402
 from megatron_lomdm.models.scheduler_head import SchedulerHead  # noqa: E402
+
+from common import Progress  # noqa: E402
 
 
 def main() -> int:
@@ -47,7 +50,9 @@ def main() -> int:
     d_L[task["positions_a"]], d_L[task["positions_b"]] = 1.0, -1.0
     out: dict = {"run": args.run_dir, "preference": {}, "gradient": {}}
     family = m.family
+    progress = Progress("order_signal", 6)
     for name, sign in (("flat", 0.0), ("a_first", 1.0), ("b_first", -1.0)):
+        progress.step(f"NELBO under the fixed {name} order")
         m.family = MultivariateFamily(c1=0.7, c2=0.65, seq_length=L, mask_id=mask_id, learn_order=False,
                                       order_logits=(6.0 * sign * d_L).tolist())
         out["preference"][name] = evaluate_run(run, t_draws=2).nelbo
@@ -58,6 +63,7 @@ def main() -> int:
     m.eval()
     m.global_batch_size = args.batch
     for K in (2, 4, 8):
+        progress.step(f"forward-head gradient at K={K}, {args.draws} draws of {args.batch}")
         m.family = LoMDMFamily(c1=0.7, c2=0.65, seq_length=L, mask_id=mask_id, num_corruptions=K)
         g = []
         for s in range(args.draws):

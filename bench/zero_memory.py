@@ -31,7 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT, WORK, config_hash, ensure_shards, environment, make_config, record  # noqa: E402
+from common import (RESULTS, ROOT, WORK, Progress, config_hash, ensure_shards, environment, make_config,  # noqa: E402
+                    record)
 
 LAYOUTS = [("megatron", 0), ("megatron", 1), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3)]
 
@@ -160,7 +161,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     env = environment()
     pbytes = 2 if args.precision == "bf16" else 4
     rows = []
+    progress = Progress("zero_memory", len(layouts))
     for backend, zero in layouts:
+        progress.step(f"{backend} ZeRO-{zero}, {args.precision}, DP=2")
         # megatron reduces gradients in fp32 buffers whatever the parameter dtype; DeepSpeed in the param dtype
         g = 4 if backend == "megatron" else pbytes
         # Adam m + v, + an fp32 master copy: DeepSpeed's ZeRO optimizers always keep one (fp32 params

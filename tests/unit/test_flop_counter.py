@@ -85,11 +85,14 @@ def test_mdlm_step_flops_exact(counted: dict) -> None:
     assert c["ours"] == pytest.approx(c["torch"], rel=1e-9)
 
 
-def test_attention_not_halved(counted: dict) -> None:
+def test_attention_not_halved(counted: dict, tiny_shards: Path) -> None:
     """The backbone's QKᵀ and AV (bmm/baddbmm) are counted in full, as the analytic term says."""
     from megatron_lomdm.config import load_config
+    from megatron_lomdm.data.shards import read_manifest
+    from megatron_lomdm.training.build import resolve_data_fields
 
-    cfg = load_config(ROOT / "configs" / "experiments" / "tiny_cpu.yaml")
+    cfg = load_config(ROOT / "configs" / "experiments" / "tiny_cpu.yaml", [f"data.train={tiny_shards}"])
+    cfg = resolve_data_fields(cfg, read_manifest(tiny_shards))  # the length comes from the shards
     m, tokens = cfg.model, cfg.train.global_batch_size * cfg.model.seq_length
     attention = 3 * 4 * m.num_layers * m.seq_length * m.hidden_size * tokens  # fwd + bwd, unhalved
     ops = counted["mdlm"]["ops"]
