@@ -35,10 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         sys.stdout.write(dump_config(cfg))
         return 0
-    from megatron_lomdm.training.loop import run_training  # heavy imports only when training
+    from megatron_lomdm.apps.artifacts import eval_artifacts  # heavy imports only when training
+    from megatron_lomdm.training.loop import run_training
 
     try:
-        preempted = run_training(cfg)
+        preempted = run_training(cfg, on_eval=eval_artifacts if cfg.tracking.artifacts else None)
     except ValueError as err:
         sys.stderr.write(f"lomdm-train: {err}\n")
         return EXIT_BAD_INPUT

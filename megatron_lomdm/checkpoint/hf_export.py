@@ -810,6 +810,13 @@ def export_run(run_dir: str | Path, output: str | Path, *, step: int | None = No
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported step %d of %s (tp=%d, pp=%d, %s weights) to %s", ckpt.step, run_dir,
              ckpt.tp, ckpt.pp, "EMA" if ema else "live", output)
+    if cfg.tracking.enabled:  # the export next to the run's metrics and evaluation artifacts
+        from megatron_lomdm.tracking.mlflow_tracker import log_to_tracked_run
+
+        where = f"hf_export/step_{ckpt.step:07d}"
+        if log_to_tracked_run(run_dir, output, where, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
+                              tags={"hf_export": where, "hf_export_verified": str(result.max_abs_diff is not None)}):
+            log.info("logged the export to the run's MLflow run under %s", where)
     return result
 
 

@@ -27,7 +27,8 @@ class RunConfig:
     dir: str = "runs/default"
     """Run directory: config.yaml, metrics.jsonl, checkpoints/. Re-running with it resumes."""
     name: str = ""
-    """Stable run name (MLflow run name, Slurm job name); empty = the run dir's basename."""
+    """Stable MLflow run name; empty = a name that says what the run is
+    (family, c1, c2, K and layout, e.g. `lomdm-c1=0.7-c2=0.65-K2-tp1pp1dp2`: tracking/run_info.py)."""
 
     def __post_init__(self) -> None:
         if not self.dir:
@@ -365,6 +366,18 @@ class TrackingConfig:
     """MLflow experiment name."""
     system_metrics: bool = True
     """Let MLflow sample CPU/GPU utilisation and memory."""
+    artifacts: bool = True
+    """At each evaluation, draw a few samples and write them, the order picture, the exponent
+    histograms and the evaluation record to run.dir/artifacts/step_XXXXXXX/ (logged to MLflow)."""
+    artifact_samples: int = 4
+    """Samples drawn for the artifacts (ancestral sampler, EMA weights, one batch)."""
+    artifact_steps: int = 0
+    """Reverse steps of those samples; 0 = one per position (model.seq_length)."""
+
+    def __post_init__(self) -> None:
+        if self.artifact_samples < 1 or self.artifact_steps < 0:
+            raise ValueError(f"tracking.artifact_samples must be >= 1 and tracking.artifact_steps >= 0, got "
+                             f"{self.artifact_samples}, {self.artifact_steps}")
 
 
 @dataclass(kw_only=True)

@@ -16,6 +16,7 @@ class Tracker(Protocol):
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path) -> None: ...
+    def log_artifacts(self, folder: str | Path, artifact_path: str) -> None: ...
     def close(self) -> None: ...
 
 
@@ -29,6 +30,9 @@ class NullTracker:
         pass
 
     def log_artifact(self, path: str | Path) -> None:
+        pass
+
+    def log_artifacts(self, folder: str | Path, artifact_path: str) -> None:
         pass
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import resource
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -69,8 +70,11 @@ def log_state_bytes(run: Run) -> None:
     log.info("model states on rank 0: " + ", ".join(f"{k} {v / 2**20:.1f} MiB ({v / n:.2f} B/param)" for k, v in b.items()))
 
 
-def run_training(cfg: Config) -> bool:
+def run_training(cfg: Config, on_eval: Callable[[Run, dict[str, float]], None] | None = None) -> bool:
     """Train `cfg` to `train.steps`, resuming from `run.dir` if it has a checkpoint.
+
+    `on_eval(run, valid_metrics)` runs on every rank after each evaluation (the training entry
+    passes the evaluation artifacts of `apps/artifacts.py`; the loop itself imports no app).
 
     Returns:
         True if the run stopped early on a preemption signal (after checkpointing).
@@ -93,7 +97,10 @@ def run_training(cfg: Config) -> bool:
                 raise ValueError(f"{run.state.bad_steps} consecutive steps with a non-finite loss or gradient "
                                  f"(last at step {step}); saved the last good state to {run.ckpt.root}")
             if cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
-                run.log_metrics(run.evaluate(), kind="valid")
+                valid = run.evaluate()
+                run.log_metrics(valid, kind="valid")
+                if on_eval is not None:
+                    on_eval(run, valid)
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
                 run.save_checkpoint()
             if run.preemption.requested(run.device):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import signal
 import socket
@@ -67,16 +69,34 @@ def test_mlflow_real_server(tiny_shards: Path, tmp_path: Path) -> None:
         assert run.info.run_name == "tiny_lomdm"
         assert run.data.params["diffusion.name"] == "lomdm" and run.data.params["train.steps"] == "6"
         assert run.data.tags["family"] == "lomdm" and run.data.tags["layout"] == "tp1_pp1_dp1"
-        for key in ("loss", "nelbo", "main", "velocity", "rloo", "lr", "grad_norm", "tokens_per_s",
-                    "exponent_std", "velocity_confidence_corr"):
+        for key in ("train/loss", "train/nelbo", "train/main", "train/lr", "train/grad_norm", "perf/tokens_per_s",
+                    "perf/step_time_s"):  # names of tracking/dashboard.py; test_mlflow_dashboard.py checks them all
             history = client.get_metric_history(run.info.run_id, key)
             assert [m.step for m in history] == [1, 2, 3, 4, 5, 6], key
         assert [m.step for m in client.get_metric_history(run.info.run_id, "valid/nelbo")] == [3, 6]
         jsonl = {r["step"]: r["nelbo"] for r in read_metrics(run_dir)}
-        for m in client.get_metric_history(run.info.run_id, "nelbo"):
+        for m in client.get_metric_history(run.info.run_id, "train/nelbo"):
             assert m.value == pytest.approx(jsonl[m.step], rel=1e-6)
         artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
-        assert "config.yaml" in artifacts
+        assert "config.yaml" in artifacts and "eval" in artifacts
+        # the evaluation artifacts of each evaluation, written to run.dir and uploaded (apps/artifacts.py)
+        for step in (3, 6):
+            folder = f"eval/step_{step:07d}"
+            uploaded = sorted(Path(a.path).name for a in client.list_artifacts(run.info.run_id, folder))
+            assert uploaded == ["eval.json", "exponents.png", "order.png", "samples.txt"], (folder, uploaded)
+            assert sorted(p.name for p in (run_dir / "artifacts" / f"step_{step:07d}").iterdir()) == uploaded
+        record = json.loads((run_dir / "artifacts" / "step_0000006" / "eval.json").read_text())
+        assert record["step"] == 6 and record["valid"]["nelbo"] == pytest.approx(read_metrics(run_dir, "valid")[-1]["nelbo"])
+        assert record["sampler"]["name"] == "ancestral" and record["fingerprint"]["model"]["family"] == "lomdm"
+        assert record["forward_rate"]["n"] > 0 and record["reverse_exponent"]["n"] > 0
+        assert "seed" in (run_dir / "artifacts" / "step_0000006" / "samples.txt").read_text().splitlines()[0]
+        # tools/convert_to_hf.py on a tracked run logs the export to the same MLflow run
+        from megatron_lomdm.checkpoint.hf_export import export_run
+
+        export_run(run_dir, tmp_path / "hf")
+        exported = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "hf_export/step_0000006")}
+        assert {"config.json", "model.safetensors", "README.md"} <= exported, exported
+        assert client.get_run(run.info.run_id).data.tags["hf_export"] == "hf_export/step_0000006"
     finally:
         _stop(server)
 

@@ -33,6 +33,21 @@ def test_train_cli_writes_run_dir(tiny_shards: Path, tmp_path: Path) -> None:
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000004"
 
 
+def test_eval_artifacts_leave_training_unchanged(tiny_shards: Path, tmp_path: Path) -> None:
+    """Drawing the evaluation artifacts (samples, order picture, exponents) consumes no training
+    randomness: the losses are bit-identical with tracking.artifacts on and off."""
+    runs = {}
+    for on in (True, False):
+        run_dir = tmp_path / f"artifacts_{on}"
+        out = train(run_dir, tiny_shards, "train.steps=4", "train.eval_interval=2", "train.eval_batches=1",
+                    "checkpoint.interval=0", f"tracking.artifacts={str(on).lower()}")
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs[on] = losses(run_dir), sorted(p.name for p in (run_dir / "artifacts").glob("step_*")) if on else []
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][1] == ["step_0000002", "step_0000004"]
+    assert not (tmp_path / "artifacts_False" / "artifacts").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_parity_tp2_cli(family: str, tiny_shards: Path, tmp_path: Path) -> None:
