@@ -4,87 +4,31 @@ corpus (Python's own documentation) -> BPE tokenizer -> WebDataset shards -> LoM
 MLflow tracking -> test NELBO/PPL -> learned-order samples -> Hugging Face export, reloaded in a
 fresh process and sampled. Each stage is skipped when its output is already complete, so a second
 `make demo` resumes where the first stopped (training itself resumes from its checkpoint). The last
-lines name what was made and the one command that opens the run's MLflow dashboard.
-
-`data_stages` and `train_command` are also what `tests/integration/test_readme_commands.py` runs
-to stand in for `make demo`, so the README's commands are tested against the demo's real data.
+lines name what was made and the one command that opens the run's MLflow dashboard. The stages
+live in `megatron_lomdm/apps/demo.py`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DASHBOARD_PORT = 5000
 
+from megatron_lomdm.apps.demo import (  # noqa: E402
+    HF_RELOAD,
+    dashboard_command,
+    data_stages,
+    run_page,
+    run_stage,
+    summary,
+    tracking_uri,
+    train_command,
+)
 
-def _run(cmd: list[str]) -> None:
-    print("+", " ".join(cmd), flush=True)
-    t0 = time.time()
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    print(f"  ({time.time() - t0:.1f} s)", flush=True)
-
-
-def data_stages(py: str, data: Path) -> list[tuple[Path, list[str]]]:
-    """(output that marks the stage done, command) for the corpus, the tokenizer and the shards."""
-    corpus, tok, shards = data / "corpus", data / "tokenizer", data / "shards"
-    return [
-        (corpus / "stdlib_docstrings.jsonl", [py, "-m", "megatron_lomdm.data.demo_corpus", str(corpus)]),
-        (tok / "tokenizer.json",
-         [py, "tools/train_tokenizer.py", "--input", str(corpus), "--vocab-size", "2048", "--output", str(tok)]),
-        (shards / "manifest.json",
-         [py, "tools/preprocess_data.py", "--input", str(corpus), "--output-dir", str(shards), "--tokenizer",
-          str(tok), "--seq-length", "64", "--layout", "packed", "--workers", "2", "--valid-fraction", "0.05"]),
-    ]
-
-
-def train_command(py: str, config: str, shards: Path, overrides: list[str]) -> list[str]:
-    """The demo's training command (`overrides` are dotted.key=value)."""
-    return [py, "-m", "megatron_lomdm.train", "--config", config, f"data.train={shards}", *overrides]
-
-
-def tracking_uri(run_dir: Path) -> str | None:
-    """The MLflow tracking URI a finished run logged to (from its config.yaml); None when tracking was off."""
-    from megatron_lomdm.config import load_config
-    from megatron_lomdm.tracking.mlflow_tracker import default_uri
-
-    cfg = load_config(run_dir / "config.yaml")
-    if not cfg.tracking.enabled:
-        return None
-    return cfg.tracking.uri or default_uri(run_dir)
-
-
-def dashboard_command(uri: str, root: Path = ROOT) -> str:
-    """The one command that opens the dashboard of a run tracked at `uri`, bound to 127.0.0.1."""
-    if uri.startswith(("http://", "https://", "databricks")):
-        return f"open {uri} in a browser (the run's tracking server)"
-    mlflow = Path(sys.executable).with_name("mlflow")
-    shown = os.path.relpath(mlflow, root) if mlflow.is_relative_to(root) else str(mlflow)
-    return f"{shown} ui --backend-store-uri {uri} --host 127.0.0.1 --port {DASHBOARD_PORT} --workers 1"
-
-
-def run_page(uri: str, run_dir: Path) -> str:
-    """The address of the run's page on that dashboard (the dashboard's front page if the run is unknown)."""
-    base = uri if uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{DASHBOARD_PORT}"
-    id_file = run_dir / "mlflow_run_id"
-    if not id_file.is_file():
-        return base
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    run_id = id_file.read_text().strip()
-    try:
-        experiment = MlflowClient(tracking_uri=uri).get_run(run_id).info.experiment_id
-    except MlflowException:
-        return base
-    return f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+__all__ = ["dashboard_command", "data_stages", "main", "run_page", "tracking_uri", "train_command"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,51 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     shards = ROOT / args.data_dir / "shards"
     for done, cmd in data_stages(py, ROOT / args.data_dir):
         if not done.exists():
-            _run(cmd)
-    _run(train_command(py, args.config, shards, args.overrides))
+            run_stage(cmd, ROOT)
+    run_stage(train_command(py, args.config, shards, args.overrides), ROOT)
 
     run_dir = ROOT / load_config(ROOT / args.config, args.overrides).run.dir
     nelbo, samples, hf = run_dir / "eval" / "nelbo.json", run_dir / "samples" / "ancestral_T64.jsonl", run_dir / "hf"
-    _run([py, "tools/evaluate.py", "--run-dir", str(run_dir), "--t-draws", "2", "--out", str(nelbo)])
-    _run([py, "tools/sample.py", "--run-dir", str(run_dir), "--sampler", "ancestral", "--steps", "64",
-          "--num-samples", "8", "--out", str(samples)])
-    _run([py, "tools/convert_to_hf.py", "--run-dir", str(run_dir), "--output", str(hf), "--verify", "--overwrite"])
-    _run([py, "-c", HF_RELOAD, str(hf)])
-    _summary(shards, run_dir, nelbo, samples, hf)
+    run_stage([py, "tools/evaluate.py", "--run-dir", str(run_dir), "--t-draws", "2", "--out", str(nelbo)], ROOT)
+    run_stage([py, "tools/sample.py", "--run-dir", str(run_dir), "--sampler", "ancestral", "--steps", "64",
+               "--num-samples", "8", "--out", str(samples)], ROOT)
+    run_stage([py, "tools/convert_to_hf.py", "--run-dir", str(run_dir), "--output", str(hf), "--verify",
+               "--overwrite"], ROOT)
+    run_stage([py, "-c", HF_RELOAD, str(hf)], ROOT)
+    sys.stdout.write("\n".join(summary(ROOT, shards, run_dir, nelbo, samples, hf)) + "\n")
     return 0
-
-
-def _summary(shards: Path, run_dir: Path, nelbo: Path, samples: Path, hf: Path) -> None:
-    """What the demo made, ending with the command that opens its dashboard."""
-    result = json.loads(nelbo.read_text())
-    print("\nDemo finished.")
-    print(f"  test NELBO {result['nelbo']:.4f} nats/token, PPL {result['ppl']:.2f} "
-          f"({result['num_tokens']} tokens, EMA weights, velocity term included)")
-    print("  learned-order samples (ancestral, T=64):")
-    for line in samples.read_text().splitlines()[:3]:
-        print("   ", repr(json.loads(line)["text"][:160]))
-    print(f"  shards + manifest:   {shards}")
-    print(f"  run directory:       {run_dir} (config.yaml, metrics.jsonl, checkpoints/, eval/, samples/)")
-    print(f"  Hugging Face export: {hf} (AutoModel.from_pretrained(..., trust_remote_code=True))")
-    uri = tracking_uri(run_dir)
-    if uri is None:
-        print("  MLflow: tracking was off for this run (tracking.enabled=false)")
-        return
-    print("\nOpen the MLflow dashboard (Ctrl-C stops it):")
-    print(f"  {dashboard_command(uri)}")
-    print(f"then browse {run_page(uri, run_dir)}")
-
-
-# Reload the export in a fresh interpreter through transformers only, and generate with the learned order.
-HF_RELOAD = """
-import sys
-from transformers import AutoModel, AutoTokenizer
-model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True, local_files_only=True).eval()
-tok = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True, local_files_only=True)
-ids = model.generate(num_samples=2, steps=64, seed=0)
-for row in ids:
-    print("  HF sample:", repr(tok.decode(row.tolist())[:160]))
-"""
 
 
 if __name__ == "__main__":
