@@ -13,7 +13,8 @@
   summaries and the run's fingerprint.
 
 The folder is then queued for upload to the run's MLflow run (`eval/step_XXXXXXX/`, in the
-background). The cost is one batch of `tracking.artifact_samples` sequences for
+background). Not under DeepSpeed ZeRO-3, whose partitioned parameters exist whole only inside the
+engine's forward. The cost is one batch of `tracking.artifact_samples` sequences for
 `tracking.artifact_steps` reverse steps plus one clean pass per evaluation (bench/RESULTS.md).
 """
 
@@ -143,6 +144,11 @@ def eval_artifacts(run: Any, valid: dict[str, float]) -> None:
     """Draw, write and queue for upload the evaluation artifacts of the run's current step (collective)."""
     t0 = time.perf_counter()
     cfg, step = run.cfg, run.state.step
+    if cfg.parallel.backend == "deepspeed" and cfg.parallel.zero == 3:
+        if run.info.rank == 0 and step == cfg.train.eval_interval:
+            log.info("no evaluation artifacts under DeepSpeed ZeRO-3: sampling runs the model outside the engine, "
+                     "whose parameters ZeRO-3 partitions")
+        return
     n, steps = cfg.tracking.artifact_samples, cfg.tracking.artifact_steps or cfg.model.seq_length
     seed = cfg.train.seed + step
     opts = sampler_options(SAMPLER, mask_id=cfg.model.mask_id, family=run.model.family, steps=steps)

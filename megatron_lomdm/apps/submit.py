@@ -3,7 +3,7 @@ after its flags are parsed.
 
 The submitting side resolves the config, snapshots the code revision and the resolved config into
 RUN_DIR/launch/ and submits ``TrainTask``; every task exports the torch.distributed variables,
-relays submitit's preemption signal to the trainer, calls ``megatron_lomdm.train.main`` and, when
+relays submitit's preemption signal to the trainer, calls ``megatron_lomdm.apps.train.main`` and, when
 the trainer has saved and returned 3, requeues through submitit's Checkpointable protocol. The
 whole protocol is described in ``slurm/submit.py``. ``TrainTask`` is pickled by reference (this
 module), so a task imports it from the installed package.
@@ -90,7 +90,7 @@ def _run_task(argv: list[str], run_dir: str) -> int:
     if job_env.global_rank == 0:
         _record_start(Path(run_dir), job_env)
 
-    from megatron_lomdm.train import main
+    from megatron_lomdm.apps.train import main
 
     rc = main(argv)
     if rc != EXIT_PREEMPTED:

@@ -797,11 +797,11 @@ def export_run(run_dir: str | Path, output: str | Path, *, step: int | None = No
     try:
         save_hf_model(hf_sd, hf_config, tmp)
         tok_files = copy_tokenizer(tok, tmp)
-        result = ExportResult(output=output, step=ckpt.step, ema=ema,
+        result = ExportResult(output=output, step=ckpt.step, ema=ckpt.ema,
                               source_layout=(ckpt.tp, ckpt.pp), tokenizer_files=tok_files)
         if verify:
             result.max_abs_diff = verify_export(tmp, cfg, ckpt.state_dict, rtol=rtol, atol=atol)
-        card = model_card(cfg, step=ckpt.step, ema=ema, layout=(ckpt.tp, ckpt.pp),
+        card = model_card(cfg, step=ckpt.step, ema=ckpt.ema, layout=(ckpt.tp, ckpt.pp),
                           fingerprint=fingerprint, evals=eval_records(run_dir, ckpt.step),
                           tokenizer_files=tok_files, verified=result.max_abs_diff)
         (tmp / "README.md").write_text(card)
@@ -809,7 +809,7 @@ def export_run(run_dir: str | Path, output: str | Path, *, step: int | None = No
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported step %d of %s (tp=%d, pp=%d, %s weights) to %s", ckpt.step, run_dir,
-             ckpt.tp, ckpt.pp, "EMA" if ema else "live", output)
+             ckpt.tp, ckpt.pp, "EMA" if ckpt.ema else "live", output)
     if cfg.tracking.enabled:  # the export next to the run's metrics and evaluation artifacts
         from megatron_lomdm.tracking.mlflow_tracker import log_to_tracked_run
 

@@ -48,6 +48,10 @@ def plain_state(run: Run) -> dict[str, Any]:
 
 
 def _ema_template(run: Run) -> dict[str, Any]:
+    """The EMA's sharded entries; none without an EMA (optim.ema_decay=0, as ZeRO-3 requires: its
+    partitioned parameters have no sharding metadata outside the engine's gather)."""
+    if not run.ema.shadow:
+        return {"ema": {}}
     return {"ema": ema_sharded_state_dict(model_sharded_state_dict(run.model), run.model, run.ema.shadow)}
 
 
