@@ -49,6 +49,7 @@ from megatron_lomdm.data.shards import check_tokenizer_compat, read_manifest
 from megatron_lomdm.models.diffusion_lm import DIAG_KEYS
 from megatron_lomdm.training.step import forward_backward, order_stats
 from megatron_lomdm.utils.logging import get_logger
+from megatron_lomdm.utils.progress import progress
 
 log = get_logger(__name__)
 
@@ -218,7 +219,8 @@ def evaluate_run(run: Any, *, data: str | Path | None = None, split: str | None 
     t0 = time.time()
     try:
         with weights(run, use_ema):
-            for start in range(0, len(rows), microbatches_per_call):
+            starts = range(0, len(rows), microbatches_per_call)
+            for start in progress(starts, total=len(starts), desc="evaluating", unit="call"):
                 chunk = rows[start:start + microbatches_per_call]
                 reports += forward_backward(
                     run.engine, _batches(reader, chunk, n), step=EVAL_NOISE_STEP, num_microbatches=len(chunk),

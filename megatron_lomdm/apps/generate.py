@@ -41,6 +41,7 @@ from megatron_lomdm.apps.run import weights
 from megatron_lomdm.sampling.base import DenoiserOutput, Sampler, denoiser_from_backbone
 from megatron_lomdm.sampling.metrics import order_heatmap, order_kendall_tau, save_order_heatmap
 from megatron_lomdm.sampling.record import batch_seed
+from megatron_lomdm.utils.progress import progress
 
 _CONF_CHUNK_ROWS = 1024
 
@@ -254,7 +255,8 @@ def generate(run: Any, sampler: Sampler, *, num_samples: int, batch_size: int, s
     t0 = time.time()
     run.model.eval()
     with weights(run, use_ema):
-        for b in range(dp_rank, num_batches, dp):
+        mine_b = range(dp_rank, num_batches, dp)
+        for b in progress(mine_b, total=len(mine_b), desc=f"sampling ({type(sampler).__name__})", unit="batch"):
             B = min(batch_size, num_samples - b * batch_size)
             generator = torch.Generator(device=device).manual_seed(batch_seed(seed, b))
             kwargs: dict[str, Any] = {"batch_size": B, "seq_length": L}

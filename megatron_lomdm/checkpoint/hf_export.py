@@ -787,6 +787,7 @@ def export_run(run_dir: str | Path, output: str | Path, *, step: int | None = No
     if output.exists() and not overwrite:
         raise ValueError(f"{output} exists; pass --overwrite to replace it")
     cfg = load_config(run_dir / "config.yaml")
+    log.info("export 1/4: reading checkpoint %s of %s", "latest" if step is None else step, run_dir)
     ckpt = load_native_checkpoint(run_dir, step, ema=ema)
     tok, fingerprint = _data_identity(cfg)
     padded = ckpt.state_dict["backbone.embedding.word_embeddings.weight"].shape[0]
@@ -795,16 +796,19 @@ def export_run(run_dir: str | Path, output: str | Path, *, step: int | None = No
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
+        log.info("export 2/4: writing the HF folder (safetensors, config, modeling code, tokenizer)")
         save_hf_model(hf_sd, hf_config, tmp)
         tok_files = copy_tokenizer(tok, tmp)
         result = ExportResult(output=output, step=ckpt.step, ema=ckpt.ema,
                               source_layout=(ckpt.tp, ckpt.pp), tokenizer_files=tok_files)
         if verify:
+            log.info("export 3/4: verifying the reloaded export against the native model (fresh process)")
             result.max_abs_diff = verify_export(tmp, cfg, ckpt.state_dict, rtol=rtol, atol=atol)
         card = model_card(cfg, step=ckpt.step, ema=ckpt.ema, layout=(ckpt.tp, ckpt.pp),
                           fingerprint=fingerprint, evals=eval_records(run_dir, ckpt.step),
                           tokenizer_files=tok_files, verified=result.max_abs_diff)
         (tmp / "README.md").write_text(card)
+        log.info("export 4/4: model card, publishing %s", output)
         _publish(tmp, output, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
