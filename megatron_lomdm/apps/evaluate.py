@@ -118,11 +118,11 @@ def eval_rows(num_sequences: int, t_draws: int, *, dp_rank: int, dp_size: int,
 def _batches(reader: ShardLoader, rows: list[tuple[np.ndarray, np.ndarray]], limit_n: int) -> Iterator[dict]:
     L = reader.seq_length
     for seq_B, index_B in rows:
-        tokens, lengths = reader.read_samples(seq_B)
+        tokens, lengths, cond = reader.read_rows(seq_B)  # cond: prompts, so the NELBO is the response's
         valid = np.arange(L)[None, :] < lengths[:, None]
         valid &= (seq_B >= 0)[:, None] & (seq_B < limit_n)[:, None]
         yield {"tokens": torch.from_numpy(tokens), "valid": torch.from_numpy(valid),
-               "sample_index": torch.from_numpy(index_B)}
+               "cond": torch.from_numpy(cond & valid), "sample_index": torch.from_numpy(index_B)}
 
 
 def _sum_reports(reports: list[dict], device: torch.device) -> dict[str, float]:

@@ -109,6 +109,33 @@ _MDLM_REFERENCE = textwrap.dedent("""
 """)
 
 
+_COND_REFERENCE = (
+    _MDLM_REFERENCE.replace("tokens, lengths = reader.read_samples(np.arange(N))",
+                            "tokens, lengths, cond = reader.read_rows(np.arange(N))")
+    .replace("valid = torch.arange(L)[None, :] < torch.from_numpy(lengths)[:, None]",
+             "valid = torch.arange(L)[None, :] < torch.from_numpy(lengths)[:, None]\n"
+             "free = valid & ~torch.from_numpy(cond)")
+    .replace("m = (u[k] < torch.exp(torch.log(t))[:, None]) & valid", "m = (u[k] < torch.exp(torch.log(t))[:, None]) & free")
+    .replace("ref = total / (int(valid.sum()) * D)", "ref = total / (int(free.sum()) * D)")
+    .replace('"ref": ref}', '"ref": ref, "num_tokens": res.num_tokens, "free": int(free.sum()), '
+             '"valid_tokens": int(valid.sum())}')
+)
+
+
+def test_eval_conditioned_nelbo_is_the_responses(tiny_cond_shards: Path, tmp_path: Path) -> None:
+    """On conditioned shards (issue 19 §1) the evaluation's NELBO is the MDLM NELBO by hand over the
+    free (response) positions only, per response token: prompts are never masked nor counted."""
+    run = _trained(tmp_path / "cond", tiny_cond_shards, "train.steps=2", "diffusion.c1=1.0", "diffusion.c2=0.0",
+                   "checkpoint.interval=0")
+    script = tmp_path / "cond_reference.py"
+    script.write_text(_COND_REFERENCE)
+    out = subprocess.run([sys.executable, str(script), str(run)], cwd=ROOT, env=clean_env(),
+                         capture_output=True, text=True, timeout=300)
+    ref = _json(out)
+    assert ref["num_tokens"] == ref["free"] < ref["valid_tokens"]
+    assert ref["nelbo"] == pytest.approx(ref["ref"], rel=1e-5)
+
+
 def test_eval_velocity_included(lomdm_run: Path, poly_run: Path, tmp_path: Path) -> None:
     # schedulers that disagree: the reported NELBO is main + velocity, velocity > 0
     got = _json(_cli("evaluate.py", "--run-dir", lomdm_run, "--no-ema", "--no-hash"))
