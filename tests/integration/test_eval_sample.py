@@ -318,3 +318,27 @@ def test_hf_judge_folder(tiny_tokenizer: Path, tmp_path: Path) -> None:
     assert len(rows[0]) == n - 1 and all(x <= 0 for x in rows[0])  # no BOS: the first token is context
     res = judge_gen_ppl(judge, [{"text": text}, {"text": "hello"}])
     assert math.isfinite(res["gen_ppl"]) and res["judge"]["kind"] == "hf"
+
+
+def test_sample_cli_prompts(tiny_cond_shards: Path, tmp_path: Path) -> None:
+    """`--prompts FILE.jsonl` (issue 19 §1): every sampler keeps each prompt ([BOS] + its ids, as
+    the preprocessing tokenizes it) verbatim in front of its samples; bad prompt files are refused."""
+    run = _trained(tmp_path / "cond", tiny_cond_shards, "train.steps=2", "checkpoint.interval=0")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"question": q}) + "\n" for q in ("The module", "Return the", "A")))
+    for name in SAMPLERS:
+        out = tmp_path / f"{name}.jsonl"
+        summary = _json(_cli("sample.py", "--run-dir", run, "--sampler", name, "--steps", "32", "--num-samples", "2",
+                             "--prompts", prompts, "--prompt-key", "question", "--out", out, "--no-hash"))
+        lines = _read_jsonl(out)
+        assert summary["num_samples"] == len(lines) == 6
+        assert [line["prompt"] for line in lines] == ["The module"] * 2 + ["Return the"] * 2 + ["A"] * 2
+        for line in lines:
+            ids, prompt = line["token_ids"], line["prompt_ids"]
+            assert len(prompt) >= 2 and ids[: len(prompt)] == prompt, (name, line)
+            assert MASK_ID not in ids
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "ok"}\n{"other": 1}\n')
+    refused = _cli("sample.py", "--run-dir", run, "--sampler", "ancestral", "--steps", "4", "--num-samples", "1",
+                   "--prompts", bad, "--prompt-key", "question", "--no-hash")
+    assert refused.returncode == 2 and f"{bad}:2: no string field 'question'" in refused.stderr
