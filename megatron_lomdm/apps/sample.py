@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from megatron_lomdm.apps.evaluate import read_eval_prompts
 from megatron_lomdm.apps.fingerprint import run_fingerprint
 from megatron_lomdm.apps.run import RunNotReady, broadcast_object, close_run, is_rank0, open_run
 from megatron_lomdm.apps.generate import generate, order_report
@@ -93,15 +94,22 @@ def read_prompts(path: str | Path, key: str) -> list[str]:
     return prompts
 
 
-def _prompt_ids(args: argparse.Namespace, tok: Any) -> tuple[list[str] | None, list[list[int]] | None]:
+def _prompt_ids(args: argparse.Namespace, run: Any, tok: Any) -> tuple[list[str] | None, list[list[int]] | None]:
     """With ``--prompts``: each sample's prompt text and ids (``--num-samples`` per prompt, in
-    prompt order), tokenized as the preprocessing does (``[BOS]`` + prompt)."""
+    prompt order): a JSONL file's prompts tokenized as the preprocessing does (``[BOS]`` +
+    prompt), or (``valid``) the given tokens of the run's conditioned validation rows."""
     if args.prompts is None:
         return None, None
     if args.prefix is not None:
         raise ValueError("give --prefix or --prompts, not both")
-    texts = [t for t in read_prompts(args.prompts, args.prompt_key) for _ in range(args.num_samples)]
-    return texts, [prefix_token_ids(tok, t, add_bos=not args.no_bos) for t in texts]
+    if args.prompts == "valid":
+        ids = read_eval_prompts(run, max_prompts=args.max_prompts)
+        texts = [tok.decode(p) for p in ids]
+    else:
+        texts = read_prompts(args.prompts, args.prompt_key)[: args.max_prompts]
+        ids = [prefix_token_ids(tok, t, add_bos=not args.no_bos) for t in texts]
+    n = args.num_samples
+    return [t for t in texts for _ in range(n)], [p for p in ids for _ in range(n)]
 
 
 def write_samples(args: argparse.Namespace, run: Any, judge: Any) -> int:
@@ -109,7 +117,7 @@ def write_samples(args: argparse.Namespace, run: Any, judge: Any) -> int:
     cfg = run.cfg
     seed = cfg.train.seed if args.seed is None else args.seed
     tok = load_run_tokenizer(cfg)
-    prompt_texts, prompts = _prompt_ids(args, tok)
+    prompt_texts, prompts = _prompt_ids(args, run, tok)
     num_samples = args.num_samples if prompts is None else len(prompts)
     batch_size = args.batch_size or min(num_samples, 16)
     prefix_ids = prefix_token_ids(tok, args.prefix, add_bos=not args.no_bos) if args.prefix is not None else None

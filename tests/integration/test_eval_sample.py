@@ -12,8 +12,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from megatron_lomdm.data.loader import ShardLoader
 from tests.helpers.runs import ROOT, clean_env, train
 
 SAMPLERS = ("ancestral", "exact", "mdlm_cache", "top_prob", "top_margin", "entropy_bound")
@@ -337,6 +339,17 @@ def test_sample_cli_prompts(tiny_cond_shards: Path, tmp_path: Path) -> None:
             ids, prompt = line["token_ids"], line["prompt_ids"]
             assert len(prompt) >= 2 and ids[: len(prompt)] == prompt, (name, line)
             assert MASK_ID not in ids
+    # the run's conditioned validation rows: their given tokens are the prompts
+    out = tmp_path / "valid.jsonl"
+    _json(_cli("sample.py", "--run-dir", run, "--sampler", "ancestral", "--steps", "8", "--num-samples", "1",
+               "--prompts", "valid", "--max-prompts", "2", "--out", out, "--no-hash"))
+    reader = ShardLoader(tiny_cond_shards, split="valid", micro_batch_size=1, global_batch_size=1, dp_rank=0,
+                         dp_size=1, seed=0, shuffle=False)
+    tokens, _, cond = reader.read_rows(np.arange(reader.num_samples))
+    want = [row[given].tolist() for row, given in zip(tokens, cond) if given.any()][:2]
+    lines = _read_jsonl(out)
+    assert [line["prompt_ids"] for line in lines] == want
+    assert all(line["token_ids"][: len(p)] == p for line, p in zip(lines, want))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "ok"}\n{"other": 1}\n')
     refused = _cli("sample.py", "--run-dir", run, "--sampler", "ancestral", "--steps", "4", "--num-samples", "1",
