@@ -327,7 +327,8 @@ def _tokenize(
         max_bytes=int(job.batch_mb * 1e6),
         text_field=job.json_key,
     )
-    max_prompt = layouts["train"].max_prompt_tokens if job.conditioned else None  # type: ignore[union-attr]
+    train = layouts["train"]
+    max_prompt = train.max_prompt_tokens if job.conditioned and isinstance(train, Padder) else None
     encoder_args = (
         tok.to_str(), job.text_key, job.valid_fraction, job.seed, job.detokenizer, job.prompt_key,
         max_prompt,
@@ -661,6 +662,10 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+#: Documents in flight: concatenated ids, lengths, and prompt lengths (``None``: no prompts).
+Document = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
+
+
 class _Consumer:
     """Turns encoded batches into rows of the two splits and applies the bad-record policy.
 
@@ -744,10 +749,6 @@ class _Consumer:
         while self.held:
             self.splits["valid"].add(*self.held.popleft())
         self.held_docs = 0
-
-
-#: Documents in flight: concatenated ids, lengths, and prompt lengths (``None``: no prompts).
-Document = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
 
 
 def _cut(prompts: np.ndarray | None, n: int) -> tuple[np.ndarray | None, np.ndarray | None]:

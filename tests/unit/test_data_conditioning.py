@@ -121,3 +121,19 @@ def test_cli_prompt_key_and_non_jsonl_refused(tiny_tokenizer: Path, tmp_path: Pa
     bad = subprocess.run([*base, "--input", str(txt), "--output-dir", str(tmp_path / "out2")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "not a JSONL file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_worker_processes_and_valid_last_docs_keep_the_masks(tiny_tokenizer: Path, tmp_path: Path) -> None:
+    """The encoder in a worker process and the held-back valid split carry the prompt lengths."""
+    src = _jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    one = _write(src, tmp_path / "inproc", tiny_tokenizer, valid_last_documents=1)
+    two = write_shards([src], tmp_path / "pool", tokenizer=tiny_tokenizer, seq_length=L, layout="padded",
+                       prompt_key="question", response_key="answer", workers=1, progress=False,
+                       valid_last_documents=1)
+    for split in ("train", "valid"):
+        assert one.split(split)["shards"][0]["sha256"] == two.split(split)["shards"][0]["sha256"]
+    loader = ShardLoader(tmp_path / "pool", split="valid", micro_batch_size=1, global_batch_size=1, dp_rank=0,
+                         dp_size=1, seed=0, shuffle=False)
+    cond = next(iter(loader))["cond"][0]
+    tok, _ = load_tokenizer(tiny_tokenizer)
+    assert int(cond.sum()) == 1 + len(tok.encode(PAIRS[-1]["question"], add_special_tokens=False).ids)
