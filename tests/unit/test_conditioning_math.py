@@ -151,3 +151,43 @@ def test_given_tokens_never_masked_and_never_counted(name: str, session) -> None
     given = cond & valid
     assert torch.equal(z_SKBL[..., given], tokens[given].expand_as(z_SKBL[..., given]))
     assert (z_SKBL[..., free] == MASK_M).any()  # free positions do get masked
+
+
+def test_arm_conditioned_nelbo_is_the_response_nll() -> None:
+    """ARM's training estimator with a given prompt, averaged exactly over t: the NELBO is the
+    autoregressive NLL of the response given the prompt, sum_{i free} -log p(x_i | x_<i)."""
+    from tests.unit.test_diffusion_reductions import MASK as RMASK
+    from tests.unit.test_diffusion_reductions import V as RV
+    from tests.unit.test_diffusion_reductions import _logp, _table_predictor
+
+    n = 5
+    x_L = torch.tensor([3, 0, 7, 7, 2])
+    free_L = torch.tensor([False, False, True, True, True])  # a two-token prompt
+    predictor = _table_predictor(n, causal=True, seed=4)
+    exact = -_logp(predictor(x_L), x_L)[free_L].sum()
+    arm = build_family("arm", c1=1.0, c2=0.0, block_size=1, vocab_size=RV, seq_length=n, mask_id=RMASK)
+    total = torch.zeros((), dtype=F64)
+    for slot in range(n):  # the estimator is constant on each slot: its midpoint is exact
+        t_B = torch.tensor([(slot + 0.5) / n], dtype=F64)
+        sched = arm.estimator_schedule(x_BL=x_L[None], t_B=t_B, valid_BL=free_L[None])
+        mask_KBL = arm.sample_masks(sched, torch.rand(1, 1, n, dtype=F64)) & free_L
+        z_L = torch.where(mask_KBL[0, 0], RMASK, x_L)
+        terms = _estimator_terms(arm, x_L, t_B, sched, mask_KBL, predictor(z_L), free_L, RMASK)
+        assert int(terms.num_tokens) == int(free_L.sum())
+        total = total + terms.nelbo / n
+    torch.testing.assert_close(total, exact, rtol=0, atol=1e-10)
+
+
+def _estimator_terms(family, x_L, t_B, sched, mask_KBL, logits_LV, free_L, mask_id):
+    """`DiffusionLM.forward`'s loss for one sequence and K = 1, given the backbone's logits."""
+    from megatron_lomdm.diffusion.subs import subs_logp_true
+    from megatron_lomdm.losses.objective import compute_loss_terms
+
+    n = logits_LV.shape[0]
+    z_L = torch.where(mask_KBL[0, 0], mask_id, x_L)
+    logp_KBL = subs_logp_true(logits_LV, z_L, x_L, mask_id).view(1, 1, n)
+    velocity_KBL = family.estimator_reverse_velocity(sched=sched, t_KB=t_B[None], rev_logits_KBL=None,
+                                                     expected_rate_KBL=None, valid_BL=free_L[None])
+    return compute_loss_terms(family, sched=sched, mask_KBL=mask_KBL, logp_true_KBL=logp_KBL,
+                              velocity_hat_KBL=velocity_KBL, log_q_KB=family.log_q(sched, mask_KBL, free_L[None]),
+                              valid_BL=free_L[None])
