@@ -41,3 +41,27 @@ def tiny_shards(tiny_corpus: Path, tiny_tokenizer: Path, tmp_path_factory: pytes
     write_shards([tiny_corpus], out, tokenizer=tiny_tokenizer, seq_length=32, layout="packed", workers=0,
                  valid_fraction=0.05, shard_size_mb=0.05, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_cond_shards(tiny_corpus: Path, tiny_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Conditioned padded length-32 shards (prompt/response records cut from the tiny corpus's
+    lines: the first words are the prompt), a valid split, small shards so there are several."""
+    import json
+
+    from megatron_lomdm.data.shards import write_shards
+    from megatron_lomdm.data.tokenize import iter_texts
+
+    root = tmp_path_factory.mktemp("cond_data")
+    records = []
+    for doc in iter_texts([tiny_corpus]):
+        for line in doc.splitlines():
+            words = line.split()
+            if len(words) >= 4:
+                cut = min(len(words) // 3 + 1, 6)
+                records.append({"prompt": " ".join(words[:cut]), "response": " " + " ".join(words[cut:])})
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = root / "shards"
+    write_shards([root / "pairs.jsonl"], out, tokenizer=tiny_tokenizer, seq_length=32, layout="padded", workers=0,
+                 valid_fraction=0.05, shard_size_mb=0.05, progress=False, prompt_key="prompt", skip_bad=True)
+    return out

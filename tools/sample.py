@@ -1,7 +1,7 @@
 """Unconditional or prefix-conditioned samples from a trained run, fully fingerprinted.
 
     python tools/sample.py --run-dir DIR --sampler NAME --steps T --num-samples N [--out FILE]
-                           [--prefix TEXT] [--judge DIR] [--batch-size B] [--seed S]
+                           [--prefix TEXT | --prompts FILE.jsonl|valid] [--judge DIR] [--batch-size B] [--seed S]
                            [--temperature X] [--top-p P] [--grid uniform|beta ...] [--gamma G]
                            [--checkpoint STEP] [--no-ema] [dotted.key=value ...]
     torchrun --nproc_per_node=N tools/sample.py ...   (TP/PP as in the run's config; DP splits batches)
@@ -49,7 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gamma", type=float, default=None, help="entropy_bound error budget (nats)")
     p.add_argument("--no-cache", action="store_true", help="never reuse a backbone call")
     p.add_argument("--prefix", default=None, help="prefix text: generation continues it (BOS + text fixed)")
-    p.add_argument("--no-bos", action="store_true", help="do not put BOS before --prefix")
+    p.add_argument("--prompts", default=None, metavar="FILE.jsonl|valid",
+                   help="conditioned generation: --num-samples samples per prompt of a JSONL file (BOS + prompt "
+                   "fixed) or of the run's conditioned validation rows (valid)")
+    p.add_argument("--max-prompts", type=int, default=None, help="use the first N prompts only")
+    p.add_argument("--prompt-key", default="prompt", help="prompt field of the --prompts records")
+    p.add_argument("--no-bos", action="store_true", help="do not put BOS before --prefix / the prompts")
     p.add_argument("--judge", default=None, help="local HF causal-LM folder or ARM run dir for generative PPL")
     p.add_argument("--checkpoint", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--ema", dest="ema", action="store_true", default=True, help="EMA weights (default)")

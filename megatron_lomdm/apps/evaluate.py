@@ -119,11 +119,11 @@ def eval_rows(num_sequences: int, t_draws: int, *, dp_rank: int, dp_size: int,
 def _batches(reader: ShardLoader, rows: list[tuple[np.ndarray, np.ndarray]], limit_n: int) -> Iterator[dict]:
     L = reader.seq_length
     for seq_B, index_B in rows:
-        tokens, lengths = reader.read_samples(seq_B)
+        tokens, lengths, cond = reader.read_rows(seq_B)  # cond: prompts, so the NELBO is the response's
         valid = np.arange(L)[None, :] < lengths[:, None]
         valid &= (seq_B >= 0)[:, None] & (seq_B < limit_n)[:, None]
         yield {"tokens": torch.from_numpy(tokens), "valid": torch.from_numpy(valid),
-               "sample_index": torch.from_numpy(index_B)}
+               "cond": torch.from_numpy(cond & valid), "sample_index": torch.from_numpy(index_B)}
 
 
 def _sum_reports(reports: list[dict], device: torch.device) -> dict[str, float]:
@@ -266,6 +266,25 @@ def read_eval_sequences(run: Any, *, data: str | Path | None = None, split: str 
     finally:
         reader.close()
     return [row[:length].tolist() for row, length in zip(tokens, lengths)]
+
+
+def read_eval_prompts(run: Any, *, max_prompts: int | None = None) -> list[list[int]]:
+    """The given (prompt) tokens of the conditioned rows of the eval split, in stored order.
+
+    Raises:
+        ValueError: the split has no conditioned row (its shards carry no prompts).
+    """
+    path, split = resolve_eval_data(run, None, None)
+    reader = ShardLoader(path, split=split, micro_batch_size=1, global_batch_size=1, dp_rank=0, dp_size=1,
+                         seed=0, shuffle=False, drop_last=False, num_epochs=1)
+    try:
+        tokens, _, cond = reader.read_rows(np.arange(reader.num_samples, dtype=np.int64))
+    finally:
+        reader.close()
+    prompts = [row[given].tolist() for row, given in zip(tokens, cond) if given.any()]
+    if not prompts:
+        raise ValueError(f"split {split!r} of {path} has no prompts (not written with --prompt-key)")
+    return prompts[:max_prompts]
 
 
 # --------------------------------------------------------------------------------------------

@@ -85,6 +85,7 @@ class RunDenoiser:
         self.exp_sum_L = torch.zeros(L, dtype=torch.float64)
         self.exp_count_L = torch.zeros(L, dtype=torch.float64)
         self.corr = dict.fromkeys(("n", "x", "y", "xx", "yy", "xy"), 0.0)
+        self.given_BL: Tensor | None = None  # the current batch's prompt positions (`generate` sets it)
 
     # ---- one backbone pass ----------------------------------------------------------------
     def _full_logits(self, logits_BLV: Tensor) -> Tensor:
@@ -98,7 +99,7 @@ class RunDenoiser:
     def _last_stage(self, z_BL: Tensor, logits_BLV: Tensor, hidden_BLD: Tensor) -> DenoiserOutput:
         logits_BLV = self._full_logits(logits_BLV)
         denoise = denoiser_from_backbone(lambda _z: (logits_BLV, hidden_BLD), family=self.family,
-                                         rev_head=self.model.rev_head)
+                                         rev_head=self.model.rev_head, given_BL=self.given_BL)
         out = denoise(z_BL)
         e_BL = out.velocity_exponents_BL
         return DenoiserOutput(out.logits_BLV.float(), None if e_BL is None else e_BL.float())
@@ -224,7 +225,8 @@ class Generation:
 
 @torch.no_grad()
 def generate(run: Any, sampler: Sampler, *, num_samples: int, batch_size: int, seed: int,
-             prefix_ids: Sequence[int] | None = None, use_ema: bool = True, diagnostics: bool = True) -> Generation:
+             prefix_ids: Sequence[int] | None = None, prompts: Sequence[Sequence[int]] | None = None,
+             use_ema: bool = True, diagnostics: bool = True) -> Generation:
     """Draw ``num_samples`` sequences of the model's length with ``sampler`` (collective).
 
     Args:
@@ -234,6 +236,9 @@ def generate(run: Any, sampler: Sampler, *, num_samples: int, batch_size: int, s
         batch_size: sequences per sampler call (the last batch may be smaller).
         seed: batch b draws with a generator seeded by ``batch_seed(seed, b)``.
         prefix_ids: tokens fixed at positions 0..P-1 of every sample (prefix conditioning).
+        prompts: per sample (N of them), the tokens fixed at its first positions (conditioned
+            generation: the model's exponents normalise over the other positions, as in training);
+            exclusive with ``prefix_ids``.
         use_ema: EMA weights (default) or the live weights.
         diagnostics: accumulate the per-position exponent and e_R/confidence correlation.
 
@@ -244,9 +249,7 @@ def generate(run: Any, sampler: Sampler, *, num_samples: int, batch_size: int, s
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
     L = run.cfg.model.seq_length
     device = run.device
-    prefix = list(prefix_ids or [])
-    if len(prefix) >= L:
-        raise ValueError(f"the prefix has {len(prefix)} tokens; the model generates {L}: nothing left to generate")
+    rows = sample_prompts(num_samples, L, prefix_ids=prefix_ids, prompts=prompts)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp = parallel_state.get_data_parallel_world_size()
     num_batches = -(-num_samples // batch_size)
@@ -260,12 +263,10 @@ def generate(run: Any, sampler: Sampler, *, num_samples: int, batch_size: int, s
             B = min(batch_size, num_samples - b * batch_size)
             generator = torch.Generator(device=device).manual_seed(batch_seed(seed, b))
             kwargs: dict[str, Any] = {"batch_size": B, "seq_length": L}
-            if prefix:
-                prompt = torch.full((B, L), sampler.mask_id, dtype=torch.int64, device=device)
-                prompt[:, : len(prefix)] = torch.tensor(prefix, dtype=torch.int64, device=device)
-                fixed = torch.zeros(B, L, dtype=torch.bool, device=device)
-                fixed[:, : len(prefix)] = True
-                kwargs = {"prompt_BL": prompt, "fixed_BL": fixed}
+            if rows is not None:
+                prompt_BL, fixed_BL = prompt_batch(rows[b * batch_size: b * batch_size + B], L, sampler.mask_id)
+                kwargs = {"prompt_BL": prompt_BL.to(device), "fixed_BL": fixed_BL.to(device)}
+            denoiser.given_BL = kwargs.get("fixed_BL")
             res = sampler.sample(denoiser, generator=generator, device=device, **kwargs)
             mine.append({"batch": b, "tokens": res.tokens_BL.cpu(), "unmask_step": res.unmask_step_BL.cpu(),
                          "num_calls": res.num_calls, "num_steps": res.num_steps})
@@ -285,6 +286,40 @@ def generate(run: Any, sampler: Sampler, *, num_samples: int, batch_size: int, s
         batch_of=[item["batch"] for item in batches for _ in range(item["tokens"].shape[0])],
         num_calls=[item["num_calls"] for item in batches], num_steps=[item["num_steps"] for item in batches],
         exp_sum_L=exp_sum, exp_count_L=exp_count, corr=corr, seconds=seconds)
+
+
+def sample_prompts(num_samples: int, seq_length: int, *, prefix_ids: Sequence[int] | None = None,
+                   prompts: Sequence[Sequence[int]] | None = None) -> list[list[int]] | None:
+    """Each sample's prompt ids (None: unconditional): ``prefix_ids`` for all, or ``prompts``.
+
+    Raises:
+        ValueError: both given, a count other than ``num_samples``, or a prompt that leaves
+            nothing to generate.
+    """
+    if prefix_ids is not None and prompts is not None:
+        raise ValueError("give prefix_ids or prompts, not both")
+    if prompts is None:
+        prompts = None if not prefix_ids else [list(prefix_ids)] * num_samples
+    if prompts is None:
+        return None
+    if len(prompts) != num_samples:
+        raise ValueError(f"{len(prompts)} prompts for {num_samples} samples")
+    for i, ids in enumerate(prompts):
+        if len(ids) >= seq_length:
+            raise ValueError(f"prompt {i} has {len(ids)} tokens; the model generates {seq_length}: "
+                             "nothing left to generate")
+    return [list(ids) for ids in prompts]
+
+
+def prompt_batch(prompts: Sequence[Sequence[int]], seq_length: int, mask_id: int) -> tuple[Tensor, Tensor]:
+    """The samplers' initial state for prompts: ``prompt_BL`` ([MASK] after each prompt) and
+    ``fixed_BL`` (True on each prompt's positions), (B, L) each."""
+    prompt_BL = torch.full((len(prompts), seq_length), mask_id, dtype=torch.int64)
+    fixed_BL = torch.zeros(len(prompts), seq_length, dtype=torch.bool)
+    for i, ids in enumerate(prompts):
+        prompt_BL[i, : len(ids)] = torch.tensor(list(ids), dtype=torch.int64)
+        fixed_BL[i, : len(ids)] = True
+    return prompt_BL, fixed_BL
 
 
 def order_report(gen: Generation, *, heatmap_path: str | Path | None = None, title: str | None = None,

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from megatron_lomdm.apps.evaluate import read_eval_prompts
 from megatron_lomdm.apps.fingerprint import run_fingerprint
 from megatron_lomdm.apps.run import RunNotReady, broadcast_object, close_run, is_rank0, open_run
 from megatron_lomdm.apps.generate import generate, order_report
@@ -63,26 +64,70 @@ def _fingerprint(args: argparse.Namespace, run: Any, sampler: Any, grid: GridSpe
     fingerprint["sampler"] = sampler_record(args.sampler, sampler, steps=args.steps, grid=grid, gamma=args.gamma)
     fingerprint["generation"] = {"seed": seed, "batch_size": batch_size, "num_samples": args.num_samples,
                                  "seq_length": cfg.model.seq_length, "prefix": args.prefix, "prefix_ids": prefix_ids,
+                                 "prompts": args.prompts, "prompt_key": args.prompt_key,
                                  "seed_rule": "batch b: sha256(f'{seed}:{b}')[:8]"}
     fingerprint["tokenizer"] = {"name_or_path": tok.info.get("name_or_path"), "sha256": tok.sha256,
                                 "decoded": tok.tokenizer is not None}
     return broadcast_object(fingerprint)
 
 
+def read_prompts(path: str | Path, key: str) -> list[str]:
+    """The prompt texts of a JSONL file (field ``key`` of each non-blank line).
+
+    Raises:
+        ValueError: ``file:line`` of a line that is not a JSON object with a string ``key``, or
+            a file without prompts.
+    """
+    prompts = []
+    for line_no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{line_no}: malformed JSON ({err.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(key), str):
+            raise ValueError(f"{path}:{line_no}: no string field {key!r} (--prompt-key)")
+        prompts.append(record[key])
+    if not prompts:
+        raise ValueError(f"{path}: no prompt")
+    return prompts
+
+
+def _prompt_ids(args: argparse.Namespace, run: Any, tok: Any) -> tuple[list[str] | None, list[list[int]] | None]:
+    """With ``--prompts``: each sample's prompt text and ids (``--num-samples`` per prompt, in
+    prompt order): a JSONL file's prompts tokenized as the preprocessing does (``[BOS]`` +
+    prompt), or (``valid``) the given tokens of the run's conditioned validation rows."""
+    if args.prompts is None:
+        return None, None
+    if args.prefix is not None:
+        raise ValueError("give --prefix or --prompts, not both")
+    if args.prompts == "valid":
+        ids = read_eval_prompts(run, max_prompts=args.max_prompts)
+        texts = [tok.decode(p) for p in ids]
+    else:
+        texts = read_prompts(args.prompts, args.prompt_key)[: args.max_prompts]
+        ids = [prefix_token_ids(tok, t, add_bos=not args.no_bos) for t in texts]
+    n = args.num_samples
+    return [t for t in texts for _ in range(n)], [p for p in ids for _ in range(n)]
+
+
 def write_samples(args: argparse.Namespace, run: Any, judge: Any) -> int:
     """Draw the samples (every rank), then write and print them on rank 0; returns 0."""
     cfg = run.cfg
     seed = cfg.train.seed if args.seed is None else args.seed
-    batch_size = args.batch_size or min(args.num_samples, 16)
     tok = load_run_tokenizer(cfg)
+    prompt_texts, prompts = _prompt_ids(args, run, tok)
+    num_samples = args.num_samples if prompts is None else len(prompts)
+    batch_size = args.batch_size or min(num_samples, 16)
     prefix_ids = prefix_token_ids(tok, args.prefix, add_bos=not args.no_bos) if args.prefix is not None else None
     grid = grid_spec(args, getattr(SAMPLERS[args.sampler], "default_t_min", None))
     opts = sampler_options(args.sampler, mask_id=cfg.model.mask_id, family=run.model.family, steps=args.steps,
                            grid=grid, temperature=args.temperature, top_p=args.top_p, use_cache=not args.no_cache,
                            gamma=args.gamma)
     sampler = build_sampler(args.sampler, **opts)
-    gen = generate(run, sampler, num_samples=args.num_samples, batch_size=batch_size, seed=seed,
-                   prefix_ids=prefix_ids, use_ema=args.ema)
+    gen = generate(run, sampler, num_samples=num_samples, batch_size=batch_size, seed=seed,
+                   prefix_ids=prefix_ids, prompts=prompts, use_ema=args.ema)
     fingerprint = _fingerprint(args, run, sampler, grid, tok, seed=seed, batch_size=batch_size,
                                prefix_ids=prefix_ids)
     if not is_rank0():
@@ -102,12 +147,18 @@ def write_samples(args: argparse.Namespace, run: Any, judge: Any) -> int:
         records.append({"index": i, "text": tok.decode(ids), "token_ids": ids, "batch": b,
                         "num_calls": gen.num_calls[b], "num_steps": gen.num_steps[b],
                         "kendall_tau": order["kendall_tau"][i], "unigram_entropy": entropies[i],
-                        "tokenizer_sha256": tok.sha256, "fingerprint": fingerprint})
+                        "tokenizer_sha256": tok.sha256, "fingerprint": fingerprint,
+                        **_prompt_fields(prompt_texts, prompts, i)})
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     tmp.replace(out)
     _write_summary(args, out, gen, order, entropies, records, judge, fingerprint)
     return 0
+
+
+def _prompt_fields(texts: list[str] | None, prompts: list[list[int]] | None, i: int) -> dict[str, Any]:
+    """A sample's ``prompt`` and ``prompt_ids`` (with ``--prompts``)."""
+    return {} if prompts is None or texts is None else {"prompt": texts[i], "prompt_ids": prompts[i]}
 
 
 def _write_summary(args: argparse.Namespace, out: Path, gen: Any, order: dict[str, Any], entropies: list[float],

@@ -14,7 +14,15 @@ of up to ``block_rows`` rows; each block is one WebDataset sample with two membe
     {first_row:010d}.tokens.npy    (rows, seq_length) uint16 (vocab <= 65535) or int32
     {first_row:010d}.lengths.npy   (rows,) int32: real tokens of each row, >= 1
 
-Positions ``>= length`` hold ``pad_id``. ``first_row`` numbers the sequences of a split from 0.
+and, in a *conditioned* folder (prompt/response records; manifest ``"conditioned": true``,
+``format_version`` 2), a third member::
+
+    {first_row:010d}.cond.npy      (rows, ceil(seq_length / 8)) uint8: ``np.packbits`` of the
+                                   per-position conditioning mask (True = a given prompt token,
+                                   never masked; only ever True below the row's length)
+
+Folders without it (format_version 1, every folder written before conditioning existed) read
+as all False: no conditioning. Positions ``>= length`` hold ``pad_id``. ``first_row`` numbers the sequences of a split from 0.
 Tar headers are deterministic (mtime 0, no owner), so the same inputs give byte-identical shards
 for any worker count; each shard's sha256 is in the manifest.
 
@@ -25,7 +33,10 @@ Layouts (``method.md`` §4.1):
   With ``frame_chunks`` (the MDLM/BD3LM ``wrap`` convention), documents become ``ids [EOS]`` and
   each row is ``[BOS] + seq_length-2 stream tokens + [EOS]``. The last row of a split is padded.
 * ``padded``: one document per row, ``[BOS] ids [EOS]`` truncated to ``seq_length`` (keeping the
-  final EOS), then padded.
+  final EOS), then padded. A prompt/response record becomes ``[BOS] prompt response [EOS]``
+  with ``[BOS] prompt`` conditioned; a long response is truncated (keeping EOS), a prompt that
+  leaves no room for one response token is a bad record. Conditioning needs this layout: packed
+  rows are refused (a row would start inside another record's response).
 
 Where the package's modules sit (each imports only the ones above it in this list)::
 
@@ -54,6 +65,9 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "LAYOUTS",
+    "COND_FORMAT_VERSION",
+    "PLAIN_FORMAT_VERSION",
+    "COND_MEMBER",
     "LENGTHS_MEMBER",
     "MANIFEST_NAME",
     "SHARD_NAME",
@@ -63,11 +77,17 @@ __all__ = [
     "Manifest",
     "parse_manifest",
     "read_local_manifest",
+    "pack_cond",
     "storage_dtype",
+    "unpack_cond",
 ]
 
 FORMAT_NAME = "megatron_lomdm.shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Unconditioned folders are still written as version 1 (byte-identical to before); a conditioned
+# one is version 2, so code that predates the cond member refuses it instead of ignoring it.
+PLAIN_FORMAT_VERSION = 1
+COND_FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 LAYOUTS = ("packed", "padded")
 SPLITS = ("train", "valid")
@@ -76,6 +96,7 @@ SPLITS = ("train", "valid")
 SHARD_NAME = re.compile(r"(?P<split>[A-Za-z0-9_]+)-[0-9]{6,}\.tar")
 TOKENS_MEMBER = "tokens.npy"
 LENGTHS_MEMBER = "lengths.npy"
+COND_MEMBER = "cond.npy"
 TAR_BLOCK = 512  # tar block size
 
 
@@ -83,6 +104,15 @@ def storage_dtype(vocab_size: int) -> np.dtype:
     """The on-disk token dtype: uint16 when every id fits (vocab_size <= 65535), else int32."""
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max else np.dtype(np.int32)
 
+
+def pack_cond(cond_NL: np.ndarray) -> np.ndarray:
+    """The on-disk ``cond`` member of rows ``(n, L)`` bool: ``(n, ceil(L / 8))`` uint8 bits."""
+    return np.packbits(cond_NL.astype(bool), axis=1)
+
+
+def unpack_cond(bits_NC: np.ndarray, seq_length: int) -> np.ndarray:
+    """Inverse of ``pack_cond``: ``(n, seq_length)`` bool."""
+    return np.unpackbits(bits_NC, axis=1, count=seq_length).astype(bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +151,11 @@ class Manifest:
     def seq_length(self) -> int:
         """Tokens per sequence."""
         return int(self.data["seq_length"])
+
+    @property
+    def conditioned(self) -> bool:
+        """Whether rows carry a conditioning mask (prompt/response records)."""
+        return bool(self.data.get("conditioned", False))
 
     @property
     def dtype(self) -> np.dtype:

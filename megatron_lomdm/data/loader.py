@@ -43,6 +43,8 @@ Each micro-batch is a dict (shapes: B = micro_batch_size, L = seq_length)::
 
     tokens         (B, L) int64      token ids, pad_id beyond each row's length
     valid          (B, L) bool       False on padding
+    cond           (B, L) bool       True on given (prompt) positions, never masked; all False
+                                     for shards without a conditioning mask (``format``)
     sample_index   (B,) int64        position of each row within the global batch, 0..G-1
     global_batch   int               index of the global batch since the start of training
     epoch          int
@@ -284,15 +286,22 @@ class SourceReader:
         return reader
 
     def read_samples(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``tokens`` (n, L) int64 and ``lengths`` (n,) int64 of ``read_rows``."""
+        tokens, lengths, _ = self.read_rows(indices)
+        return tokens, lengths
+
+    def read_rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Read samples by split index (-1: an empty filler row).
 
         Rows of a skipped shard (``skip_bad_shards``) come back like filler rows (length 0).
 
         Returns:
-            ``tokens`` (n, L) int64 and ``lengths`` (n,) int64.
+            ``tokens`` (n, L) int64, ``lengths`` (n,) int64 and ``cond`` (n, L) bool (the
+            conditioning mask; all False for shards without one).
         """
         tokens = np.full((len(indices), self.seq_length), self.pad_id, dtype=np.int64)
         lengths = np.zeros(len(indices), dtype=np.int64)
+        cond = np.zeros((len(indices), self.seq_length), dtype=bool)
         real = np.flatnonzero(indices >= 0)
         shard_of = np.searchsorted(self._shard_start, indices[real], side="right") - 1
         for shard in np.unique(shard_of).tolist():
@@ -305,16 +314,19 @@ class SourceReader:
                 self._check_not_all_skipped()
                 continue
             self._read_any = True
-            tokens[rows], lengths[rows] = got
-        return tokens, lengths
+            tokens[rows], lengths[rows], cond[rows] = got
+        return tokens, lengths, cond
 
-    def _read_shard(self, shard: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    def _read_shard(
+        self, shard: int, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """Rows of one shard; ``None`` when it is (or now becomes) skipped."""
         reader = self._shard(shard)
         if reader is None:
             return None
         try:
-            return reader.read(rows)
+            tokens, lengths = reader.read(rows)
+            return tokens, lengths, reader.read_cond(rows, lengths)
         except ShardDataError as err:
             if not self.source_options.skip_bad_shards:
                 raise
@@ -400,8 +412,8 @@ class _Batches:
     def _read_rows(
         self, global_batch: int, micro_batch: int, positions: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """``tokens`` (B, L) int64, ``lengths`` (B,) and extra fields of the rows at
-        ``positions`` of the global batch."""
+        """``tokens`` (B, L) int64, ``lengths`` (B,) and extra fields (at least ``cond``) of the
+        rows at ``positions`` of the global batch."""
         raise NotImplementedError
 
     def _end_global_batch(self) -> None:
@@ -610,12 +622,12 @@ class ShardLoader(SourceReader, _Batches):
         self, global_batch: int, micro_batch: int, positions: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         indices = self.global_batch_indices(global_batch)[positions]
-        tokens, lengths = self.read_samples(indices)
+        tokens, lengths, cond = self.read_rows(indices)
         num_tokens = int(lengths.sum())
         rows = 1 if num_tokens else int(np.count_nonzero(indices >= 0))  # only 0 vs > 0 matters
         epoch = global_batch // self.batches_per_epoch
         self._count_epoch_tokens(epoch, global_batch, micro_batch, num_tokens, rows)
-        return tokens, lengths, {}
+        return tokens, lengths, {"cond": torch.from_numpy(cond)}
 
     def _count_epoch_tokens(
         self, epoch: int, global_batch: int, micro_batch: int, tokens: int, rows: int
@@ -884,13 +896,14 @@ class BlendLoader(_Batches):
         src, pos = self._plan()
         tokens = np.full((len(positions), self.seq_length), self.pad_id, dtype=np.int64)
         lengths = np.zeros(len(positions), dtype=np.int64)
+        cond = np.zeros((len(positions), self.seq_length), dtype=bool)
         row_src = src[positions]
         for k in np.unique(row_src).tolist():
             sel = np.flatnonzero(row_src == k)
-            got, got_lengths = self.sources[k].read_samples(self._rows_of(k, pos[positions[sel]]))
-            tokens[sel], lengths[sel] = got, got_lengths
-            self._tokens_local[k] += float(got_lengths.sum())
-        return tokens, lengths, {"source": torch.from_numpy(row_src.copy())}
+            got = self.sources[k].read_rows(self._rows_of(k, pos[positions[sel]]))
+            tokens[sel], lengths[sel], cond[sel] = got
+            self._tokens_local[k] += float(got[1].sum())
+        return tokens, lengths, {"cond": torch.from_numpy(cond), "source": torch.from_numpy(row_src.copy())}
 
     def _end_global_batch(self) -> None:
         _, _, _, credit, consumed = self._plan_cache  # type: ignore[misc]

@@ -43,11 +43,13 @@ import numpy as np
 
 from megatron_lomdm.data.format import (
     FORMAT_NAME,
-    FORMAT_VERSION,
+    COND_FORMAT_VERSION,
+    COND_MEMBER,
     LAYOUTS,
     LENGTHS_MEMBER,
     MANIFEST_NAME,
     TOKENS_MEMBER,
+    PLAIN_FORMAT_VERSION,
     Manifest,
     read_local_manifest,
     storage_dtype,
@@ -67,9 +69,17 @@ from megatron_lomdm.data.tokenize import (
     expand_inputs,
     init_worker,
     is_datasets_file,
+    is_jsonl,
     load_tokenizer,
 )
-from megatron_lomdm.data.writer import Packer, Padder, SplitWriter, make_layout, naming
+from megatron_lomdm.data.writer import (
+    CONDITIONING_NEEDS_PADDED,
+    Packer,
+    Padder,
+    SplitWriter,
+    make_layout,
+    naming,
+)
 from megatron_lomdm.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -115,6 +125,10 @@ class ShardJob:
         valid_last_documents: the valid split is the last N documents of the input order (the
             OpenWebText convention ``train[-100000:]``); exclusive with ``valid_fraction``.
         detokenizer: rewrite each document first (``DETOKENIZERS``: ``lm1b``).
+        prompt_key: the prompt field of JSONL prompt/response records; set, each record becomes
+            one ``padded`` row ``[BOS] prompt response [EOS]`` whose ``[BOS] prompt`` positions
+            are conditioned (``format``); ``None``: plain documents.
+        response_key: the response field of prompt/response records.
     """
 
     inputs: tuple[str | Path, ...]
@@ -138,6 +152,18 @@ class ShardJob:
     hf_dataset: HFDatasetInput | None = None
     valid_last_documents: int = 0
     detokenizer: str | None = None
+    prompt_key: str | None = None
+    response_key: str = "response"
+
+    @property
+    def conditioned(self) -> bool:
+        """Prompt/response records (a conditioning mask per row)."""
+        return self.prompt_key is not None
+
+    @property
+    def text_key(self) -> str:
+        """The field the encoder reads as the document (the response of a pair)."""
+        return self.response_key if self.conditioned else self.json_key
 
     def check(self) -> None:
         """Raises ``ValueError`` on a bad argument (before anything is read or written)."""
@@ -155,6 +181,10 @@ class ShardJob:
             raise ValueError(
                 "valid_last_documents must be >= 0 and not combined with valid_fraction"
             )
+        if self.conditioned and self.layout != "padded":
+            raise ValueError(CONDITIONING_NEEDS_PADDED)
+        if self.conditioned and self.hf_dataset is not None:
+            raise ValueError("prompt/response records (--prompt-key) are read from JSONL files only")
         if self.detokenizer is not None and self.detokenizer not in DETOKENIZERS:
             raise ValueError(
                 f"detokenizer must be one of {sorted(DETOKENIZERS)}, got {self.detokenizer!r}"
@@ -221,6 +251,12 @@ def write_shards(
 def _input_files(job: ShardJob) -> list[Any]:
     """The input files in order (``tokenize.expand_inputs``), then the HF dataset if any."""
     files: list[Any] = expand_inputs(job.inputs) if job.inputs or job.hf_dataset is None else []
+    other = [str(p) for p in files if job.conditioned and not is_jsonl(p)]
+    if other:
+        raise ValueError(
+            f"{other[0]}: not a JSONL file; prompt/response records (--prompt-key) are read from "
+            "JSONL files (.jsonl/.json/.ndjson) only"
+        )
     if job.hf_dataset is not None:
         files.append(job.hf_dataset)
     return files
@@ -265,6 +301,7 @@ def _open_splits(job: ShardJob, info: TokenizerInfo, tmp: Path) -> dict[str, Spl
             pad_id=info.pad_id,
             shard_bytes=shard_bytes,
             block_rows=block_rows,
+            conditioned=job.conditioned,
         )
         for name in job.split_names
     }
@@ -290,7 +327,12 @@ def _tokenize(
         max_bytes=int(job.batch_mb * 1e6),
         text_field=job.json_key,
     )
-    encoder_args = (tok.to_str(), job.json_key, job.valid_fraction, job.seed, job.detokenizer)
+    train = layouts["train"]
+    max_prompt = train.max_prompt_tokens if job.conditioned and isinstance(train, Padder) else None
+    encoder_args = (
+        tok.to_str(), job.text_key, job.valid_fraction, job.seed, job.detokenizer, job.prompt_key,
+        max_prompt,
+    )  # fmt: skip
     try:
         _run_encoders(tasks, consumer, job.workers, encoder_args)
     finally:
@@ -322,9 +364,15 @@ def _manifest(
     results: dict[str, Any],
 ) -> dict[str, Any]:
     """The content of ``manifest.json`` (``format``)."""
+    members = {
+        TOKENS_MEMBER: f"(rows, {job.seq_length}) {writer.dtype.name}",
+        LENGTHS_MEMBER: "(rows,) int32",
+    }
+    if job.conditioned:
+        members[COND_MEMBER] = f"(rows, {-(-job.seq_length // 8)}) uint8 packbits"
     return {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": COND_FORMAT_VERSION if job.conditioned else PLAIN_FORMAT_VERSION,
         "complete": True,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": list(job.command) if job.command is not None else [sys.executable, *sys.argv],
@@ -334,10 +382,7 @@ def _manifest(
         "seq_length": job.seq_length,
         "dtype": writer.dtype.name,
         "sample_format": {
-            "members": {
-                TOKENS_MEMBER: f"(rows, {job.seq_length}) {writer.dtype.name}",
-                LENGTHS_MEMBER: "(rows,) int32",
-            },
+            "members": members,
             "block_rows": writer.block_rows,
             "pad_id": info.pad_id,
         },
@@ -346,9 +391,15 @@ def _manifest(
         "detokenizer": job.detokenizer,
         "text_mode": job.text_mode,
         "json_key": job.json_key,
+        **(_conditioning(job) if job.conditioned else {}),
         "stats": stats,
         "splits": results,
     }
+
+
+def _conditioning(job: ShardJob) -> dict[str, Any]:
+    """The manifest keys of a conditioned folder."""
+    return {"conditioned": True, "prompt_key": job.prompt_key, "response_key": job.response_key}
 
 
 def _split_method(job: ShardJob) -> dict[str, Any]:
@@ -422,6 +473,8 @@ def _run_encoders(
             valid_fraction=encoder_args[2],
             seed=encoder_args[3],
             detokenizer=encoder_args[4] if len(encoder_args) > 4 else None,
+            prompt_key=encoder_args[5] if len(encoder_args) > 5 else None,
+            max_prompt_tokens=encoder_args[6] if len(encoder_args) > 6 else None,
         )
         for task in tasks:
             consume(encoder.encode(*task))
@@ -609,6 +662,10 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+#: Documents in flight: concatenated ids, lengths, and prompt lengths (``None``: no prompts).
+Document = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
+
+
 class _Consumer:
     """Turns encoded batches into rows of the two splits and applies the bad-record policy.
 
@@ -629,7 +686,7 @@ class _Consumer:
         self.rejected: collections.Counter[str] = collections.Counter()
         self.examples: dict[str, list[str]] = collections.defaultdict(list)
         self.valid_last = valid_last
-        self.held: collections.deque[tuple[np.ndarray, np.ndarray]] = collections.deque()
+        self.held: collections.deque[Document] = collections.deque()
         self.held_docs = 0
 
     def __call__(self, batch: EncodedBatch) -> None:
@@ -642,7 +699,7 @@ class _Consumer:
                 self.examples[reason].append(f"{path}:{line}")
         doc_ends = np.cumsum(batch.lengths)
         if self.valid_last:
-            self._hold(batch.ids, batch.lengths)
+            self._hold(batch.ids, batch.lengths, batch.prompt_lengths)
             self.progress.update(
                 len(batch.lengths), int(doc_ends[-1]) if len(doc_ends) else 0, batch.num_bytes
             )
@@ -652,41 +709,50 @@ class _Consumer:
                 continue
             if name not in self.splits:
                 raise AssertionError("valid documents without a valid split")
+            prompts = batch.prompt_lengths
             if selected.all():  # no copy (one huge document is many tokens)
-                self.splits[name].add(batch.ids, batch.lengths)
+                self.splits[name].add(batch.ids, batch.lengths, prompts)
                 continue
             token_mask = np.repeat(selected, batch.lengths)
-            self.splits[name].add(batch.ids[token_mask], batch.lengths[selected])
+            self.splits[name].add(
+                batch.ids[token_mask],
+                batch.lengths[selected],
+                None if prompts is None else prompts[selected],
+            )
         self.progress.update(
             len(batch.lengths), int(doc_ends[-1]) if len(doc_ends) else 0, batch.num_bytes
         )
 
-    def _hold(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+    def _hold(self, ids: np.ndarray, lengths: np.ndarray, prompts: np.ndarray | None) -> None:
         if not len(lengths):
             return
-        self.held.append((ids, lengths))
+        self.held.append((ids, lengths, prompts))
         self.held_docs += len(lengths)
         excess = self.held_docs - self.valid_last
         while excess > 0:
-            first_ids, first_lengths = self.held[0]
+            first_ids, first_lengths, first_prompts = self.held[0]
             if len(first_lengths) <= excess:
                 self.held.popleft()
-                self.splits["train"].add(first_ids, first_lengths)
+                self.splits["train"].add(first_ids, first_lengths, first_prompts)
                 self.held_docs -= len(first_lengths)
                 excess -= len(first_lengths)
             else:
                 cut = int(first_lengths[:excess].sum())
-                self.splits["train"].add(first_ids[:cut], first_lengths[:excess])
-                self.held[0] = (first_ids[cut:], first_lengths[excess:])
+                head, tail = _cut(first_prompts, excess)
+                self.splits["train"].add(first_ids[:cut], first_lengths[:excess], head)
+                self.held[0] = (first_ids[cut:], first_lengths[excess:], tail)
                 self.held_docs -= excess
                 excess = 0
 
     def finish(self) -> None:
         """Send the held-back last documents to the valid split."""
         while self.held:
-            ids, lengths = self.held.popleft()
-            self.splits["valid"].add(ids, lengths)
+            self.splits["valid"].add(*self.held.popleft())
         self.held_docs = 0
+
+
+def _cut(prompts: np.ndarray | None, n: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    return (None, None) if prompts is None else (prompts[:n], prompts[n:])
 
 
 # --------------------------------------------------------------------------------------------
@@ -750,6 +816,18 @@ def _add_processing_arguments(p: argparse.ArgumentParser) -> None:
         help="text field of JSONL records / text column of datasets rows",
     )
     p.add_argument(
+        "--prompt-key",
+        metavar="FIELD",
+        help="JSONL prompt/response records: the prompt field (its tokens are conditioned, never "
+        "masked); needs --layout padded",
+    )
+    p.add_argument(
+        "--response-key",
+        metavar="FIELD",
+        default="response",
+        help="the response field of prompt/response records (default: response)",
+    )
+    p.add_argument(
         "--text-mode",
         choices=TEXT_MODES,
         default="file",
@@ -796,7 +874,8 @@ def main(argv: list[str] | None = None, *, description: str | None = None) -> in
 #: ``ShardJob`` fields spelled as their command-line options.
 _SAME_NAMES = (
     "tokenizer", "seq_length", "layout", "workers", "valid_fraction", "json_key", "text_mode",
-    "shard_size_mb", "skip_bad", "seed", "frame_chunks", "overwrite",
+    "shard_size_mb", "skip_bad", "seed", "frame_chunks", "overwrite", "prompt_key",
+    "response_key",
 )  # fmt: skip
 
 

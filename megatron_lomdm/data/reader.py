@@ -19,7 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from megatron_lomdm.data.format import LENGTHS_MEMBER, TAR_BLOCK, TOKENS_MEMBER
+from megatron_lomdm.data.format import (
+    COND_MEMBER,
+    LENGTHS_MEMBER,
+    TAR_BLOCK,
+    TOKENS_MEMBER,
+    unpack_cond,
+)
 
 __all__ = ["ShardDataError", "ShardFile", "verify_shard_file"]
 
@@ -111,7 +117,7 @@ class ShardFile:
 
     def _read_blocks(self) -> None:
         """The blocks (from the tar headers) and every row's length."""
-        tokens, lengths = self._index()
+        tokens, lengths, cond = self._index()
         keys = sorted(tokens)
         if sorted(lengths) != keys:
             raise ShardDataError(
@@ -126,6 +132,7 @@ class ShardFile:
                 raise ShardDataError(
                     f"{self.path}: block {k} has {tokens[k][1]} rows but {lengths[k][1]} lengths"
                 )
+        self._read_cond_index(keys, tokens, cond)
         self.block_start = np.concatenate([[0], np.cumsum(self.block_rows)]).astype(np.int64)
         self.num_rows = int(self.block_start[-1])
         self.lengths = np.concatenate(
@@ -135,6 +142,23 @@ class ShardFile:
             ]
             or [np.zeros(0, np.int32)]
         ).astype(np.int64)
+
+    def _read_cond_index(
+        self,
+        keys: list[str],
+        tokens: dict[str, tuple[int, int]],
+        cond: dict[str, tuple[int, int]],
+    ) -> None:
+        """The ``cond`` members' offsets: in every block or in none (``format``)."""
+        self.conditioned = bool(cond)
+        if cond and sorted(cond) != keys:
+            raise ShardDataError(f"{self.path}: some blocks have a {COND_MEMBER} member, others not")
+        for k in keys if cond else ():
+            if cond[k][1] != tokens[k][1]:
+                raise ShardDataError(
+                    f"{self.path}: block {k} has {tokens[k][1]} rows but {cond[k][1]} cond rows"
+                )
+        self.cond_offset = np.array([cond[k][0] for k in keys] if cond else [], dtype=np.int64)
 
     def _check_lengths(self, expected_rows: int | None, expected_tokens: int | None) -> None:
         """Rows and their lengths against the manifest and ``seq_length``."""
@@ -161,10 +185,13 @@ class ShardFile:
         within = row - int(self.block_start[block])
         return f"row {row} (sample {self.block_keys[block]}, row {within} of its block)"
 
-    def _index(self) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
+    def _index(
+        self,
+    ) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
         mm, offset = self._mm, 0
         tokens: dict[str, tuple[int, int]] = {}
         lengths: dict[str, tuple[int, int]] = {}
+        cond: dict[str, tuple[int, int]] = {}
         while offset + TAR_BLOCK <= len(mm):
             header = mm[offset : offset + TAR_BLOCK]
             if header.count(0) == TAR_BLOCK:
@@ -181,8 +208,14 @@ class ShardFile:
                 tokens[key] = self._npy(data, info.size, (self.seq_length,), self.dtype)
             elif member == LENGTHS_MEMBER:
                 lengths[key] = self._npy(data, info.size, (), np.dtype(np.int32))
+            elif member == COND_MEMBER:
+                cond[key] = self._npy(data, info.size, (self._cond_bytes,), np.dtype(np.uint8))
             offset = data + info.size + (-info.size % TAR_BLOCK)
-        return tokens, lengths
+        return tokens, lengths, cond
+
+    @property
+    def _cond_bytes(self) -> int:
+        return -(-self.seq_length // 8)
 
     def _npy(
         self, offset: int, size: int, row_shape: tuple[int, ...], dtype: np.dtype
@@ -243,6 +276,32 @@ class ShardFile:
                 f"{tokens[i, j]} (not pad_id={self.pad_id}) at position {j}: the length "
                 "disagrees with the token array"
             )
+
+    def read_cond(self, rows: Iterable[int], lengths: np.ndarray) -> np.ndarray:
+        """The conditioning masks of rows (indices within this shard) whose ``lengths`` were
+        just read: ``(n, seq_length)`` bool, all False for a shard without the member.
+
+        Raises:
+            ShardDataError: a conditioned position at or past its row's length.
+        """
+        rows = np.asarray(list(rows) if not isinstance(rows, np.ndarray) else rows, dtype=np.int64)
+        if not self.conditioned:
+            return np.zeros((len(rows), self.seq_length), dtype=bool)
+        blocks = np.searchsorted(self.block_start, rows, side="right") - 1
+        within = rows - self.block_start[blocks]
+        starts = (self.cond_offset[blocks] + within * self._cond_bytes).tolist()
+        bits = np.empty((len(rows), self._cond_bytes), dtype=np.uint8)
+        for i, start in enumerate(starts):
+            bits[i] = np.frombuffer(self._mm, np.uint8, self._cond_bytes, start)
+        cond = unpack_cond(bits, self.seq_length)
+        past = cond & (np.arange(self.seq_length)[None, :] >= np.asarray(lengths)[:, None])
+        if past.any():
+            i, j = (int(x[0]) for x in np.nonzero(past))
+            raise ShardDataError(
+                f"{self.path}: {self._where(int(rows[i]))} is conditioned at position {j}, at or "
+                f"past its length {int(lengths[i])}"
+            )
+        return cond
 
     def close(self) -> None:
         """Release the mapping."""

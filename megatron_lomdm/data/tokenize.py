@@ -63,7 +63,10 @@ TEXT_MODES = ("file", "line")
 
 #: Reasons a record is not turned into a document. ``ERROR_REASONS`` raise unless ``skip_bad``;
 #: the others are benign and only counted.
-ERROR_REASONS = ("malformed_json", "missing_field", "field_not_string", "undecodable")
+ERROR_REASONS = (
+    "malformed_json", "missing_field", "field_not_string", "undecodable", "empty_response",
+    "prompt_too_long",
+)  # fmt: skip
 BENIGN_REASONS = ("blank_line", "empty_text")
 
 # Conventional spellings, tried in order, when a tokenizer file says nothing about its specials.
@@ -397,14 +400,23 @@ def decode_record(raw: bytes, *, json_key: str | None, strip_newline: bool = Fal
 
 def _json_text(line: str, json_key: str) -> str:
     """The string under ``json_key`` of one JSONL line (``BadRecord`` as ``decode_record``)."""
+    return _json_field(_json_object(line), json_key)
+
+
+def _json_object(line: str) -> Any:
+    """One JSONL line parsed (``BadRecord`` on a blank line or malformed JSON)."""
     if not line.strip():
         raise BadRecord("blank_line")
     try:
-        obj = json.loads(line)
+        return json.loads(line)
     except json.JSONDecodeError as err:
         raise BadRecord(
             "malformed_json", f"malformed JSON ({err.msg}, column {err.colno})"
         ) from None
+
+
+def _json_field(obj: Any, json_key: str) -> str:
+    """The string under ``json_key`` of a parsed record (``BadRecord`` as ``decode_record``)."""
     if not isinstance(obj, dict) or json_key not in obj:
         raise BadRecord("missing_field", f"no field {json_key!r} in the JSON record")
     text = obj[json_key]
@@ -417,6 +429,28 @@ def _json_text(line: str, json_key: str) -> str:
     except UnicodeEncodeError:
         raise BadRecord("undecodable", "the JSON string holds a lone surrogate escape") from None
     return text
+
+
+def decode_prompt_record(raw: bytes, *, prompt_key: str, response_key: str) -> tuple[str, str]:
+    """Turn one JSONL prompt/response record into ``(prompt, response)``.
+
+    The prompt may be empty (an unconditioned record); the response may not.
+
+    Raises:
+        BadRecord: as ``decode_record`` (``missing_field`` names the missing key), or
+            ``empty_response``.
+    """
+    try:
+        line = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as err:
+        raise BadRecord(
+            "undecodable", f"invalid UTF-8 byte 0x{raw[err.start]:02x} at byte {err.start}"
+        ) from None
+    obj = _json_object(line)
+    prompt, response = _json_field(obj, prompt_key), _json_field(obj, response_key)
+    if not response.strip():
+        raise BadRecord("empty_response", f"field {response_key!r} is empty")
+    return prompt, response
 
 
 def iter_texts(
@@ -812,6 +846,8 @@ class EncodedBatch:
         to_valid: per good document, whether the split hash sends it to the valid split.
         num_bytes: raw bytes of all records in the batch.
         rejected: ``(line, reason, detail)`` for every record that gave no document.
+        prompt_lengths: per good document, the tokens of its prompt (the first ids of the
+            document); ``None`` unless the records are prompt/response pairs.
     """
 
     file_index: int
@@ -820,6 +856,7 @@ class EncodedBatch:
     to_valid: np.ndarray
     num_bytes: int
     rejected: list[tuple[int, str, str]]
+    prompt_lengths: np.ndarray | None = None
 
 
 #: Documents longer than this (characters) are tokenized in chunks of at most this size, so
@@ -848,9 +885,14 @@ class DocumentEncoder:
         seed: int,
         detokenizer: str | None = None,
         chunk_chars: int = DOCUMENT_CHUNK_CHARS,
+        prompt_key: str | None = None,
+        max_prompt_tokens: int | None = None,
     ) -> None:
+        """With ``prompt_key`` the records are JSONL prompt/response pairs (``json_key`` is the
+        response field); a prompt of more than ``max_prompt_tokens`` ids is a bad record."""
         from tokenizers import Tokenizer
 
+        self.prompt_key, self.max_prompt_tokens = prompt_key, max_prompt_tokens
         self.chunk_chars = chunk_chars
         if detokenizer is not None and detokenizer not in DETOKENIZERS:
             raise ValueError(
@@ -944,6 +986,8 @@ class DocumentEncoder:
         With ``rows`` the records are ``datasets`` rows (``iter_dataset_rows``): text bytes, or
         ``(reason, detail)`` for a row without a string text.
         """
+        if self.prompt_key is not None:
+            return self._encode_pairs(file_index, records)
         texts: list[str] = []
         rejected: list[tuple[int, str, str]] = []
         for line, raw in records:
@@ -967,6 +1011,46 @@ class DocumentEncoder:
         )
 
 
+    def _pair(self, raw: bytes) -> tuple[str, str]:
+        """The (detokenized) prompt and response of one record; ``BadRecord`` when bad."""
+        assert self.prompt_key is not None
+        prompt, response = decode_prompt_record(
+            raw, prompt_key=self.prompt_key, response_key=self.json_key
+        )
+        if self.detokenize is not None:
+            prompt, response = self.detokenize(prompt), self.detokenize(response)
+        return prompt, response
+
+    def _encode_pairs(self, file_index: int, records: list[tuple[int, Any]]) -> EncodedBatch:
+        """``encode`` for prompt/response records: ids = prompt ids + response ids."""
+        pairs: list[tuple[int, str, str]] = []
+        rejected: list[tuple[int, str, str]] = []
+        for line, raw in records:
+            try:
+                pairs.append((line, *self._pair(raw)))
+            except BadRecord as bad:
+                rejected.append((line + bad.line_offset, bad.reason, bad.detail))
+        prompts = self._encode_texts([p for _, p, _ in pairs])
+        responses = self._encode_texts([r for _, _, r in pairs])
+        limit = self.max_prompt_tokens
+        keep = [i for i, ids in enumerate(prompts) if limit is None or len(ids) <= limit]
+        for i in sorted(set(range(len(pairs))) - set(keep)):
+            detail = f"the prompt has {len(prompts[i])} tokens; a row leaves room for {limit}"
+            rejected.append((pairs[i][0], "prompt_too_long", detail))
+        rejected.sort()
+        pieces = [np.concatenate([prompts[i], responses[i]]) for i in keep]
+        ids = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+        return EncodedBatch(
+            file_index=file_index,
+            ids=ids.astype(np.int32),
+            lengths=np.array([len(p) for p in pieces], dtype=np.int64),
+            to_valid=np.array([self.in_valid(pairs[i][1] + "\n" + pairs[i][2]) for i in keep], bool),
+            num_bytes=sum(len(raw) for _, raw in records if isinstance(raw, bytes)),
+            rejected=rejected,
+            prompt_lengths=np.array([len(prompts[i]) for i in keep], dtype=np.int64),
+        )
+
+
 _WORKER_ENCODER: DocumentEncoder | None = None
 
 
@@ -976,6 +1060,8 @@ def init_worker(
     valid_fraction: float,
     seed: int,
     detokenizer: str | None = None,
+    prompt_key: str | None = None,
+    max_prompt_tokens: int | None = None,
 ) -> None:
     """Pool initializer: build this worker's encoder (single-threaded Rust tokenizer)."""
     global _WORKER_ENCODER
@@ -986,6 +1072,8 @@ def init_worker(
         valid_fraction=valid_fraction,
         seed=seed,
         detokenizer=detokenizer,
+        prompt_key=prompt_key,
+        max_prompt_tokens=max_prompt_tokens,
     )
 
 

@@ -19,10 +19,21 @@ from typing import Any
 
 import numpy as np
 
-from megatron_lomdm.data.format import LENGTHS_MEMBER, TAR_BLOCK, TOKENS_MEMBER
+from megatron_lomdm.data.format import (
+    COND_MEMBER,
+    LENGTHS_MEMBER,
+    TAR_BLOCK,
+    TOKENS_MEMBER,
+    pack_cond,
+)
 from megatron_lomdm.data.tokenize import TokenizerInfo
 
-__all__ = ["Packer", "Padder", "SplitWriter", "make_layout", "naming"]
+__all__ = ["CONDITIONING_NEEDS_PADDED", "Packer", "Padder", "SplitWriter", "make_layout", "naming"]
+
+CONDITIONING_NEEDS_PADDED = (
+    "prompt/response records (--prompt-key) need --layout padded: one record per row, so that "
+    "every row starts with its own prompt (packed rows would cut records across rows)"
+)
 
 
 @contextlib.contextmanager
@@ -51,7 +62,10 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 class SplitWriter:
-    """Writes the rows of one split into blocks and size-bounded shards."""
+    """Writes the rows of one split into blocks and size-bounded shards.
+
+    With ``conditioned`` every block also gets the ``cond`` member (``format``).
+    """
 
     def __init__(
         self,
@@ -63,8 +77,12 @@ class SplitWriter:
         pad_id: int,
         shard_bytes: int,
         block_rows: int,
+        conditioned: bool = False,
     ) -> None:
         self.folder, self.split, self.seq_length, self.dtype = folder, split, seq_length, dtype
+        self.conditioned = conditioned
+        self.block_cond = np.zeros((block_rows, seq_length) if conditioned else (0, 0), dtype=bool)
+        self.num_cond_tokens = 0
         self.pad_id, self.shard_bytes, self.block_rows = pad_id, shard_bytes, block_rows
         self.block = np.full((block_rows, seq_length), pad_id, dtype=dtype)
         self.block_lengths = np.zeros(block_rows, dtype=np.int32)
@@ -75,8 +93,13 @@ class SplitWriter:
         self.num_truncated = 0
         self._file: Any = None
 
-    def add_rows(self, rows: np.ndarray, lengths: np.ndarray) -> None:
-        """Append rows ``(n, seq_length)`` with their real lengths ``(n,)``."""
+    def add_rows(
+        self, rows: np.ndarray, lengths: np.ndarray, cond: np.ndarray | None = None
+    ) -> None:
+        """Append rows ``(n, seq_length)`` with their real lengths ``(n,)`` and, for a
+        conditioned writer, their conditioning masks ``(n, seq_length)`` bool."""
+        if (cond is not None) != self.conditioned:
+            raise ValueError("a conditioned writer takes a cond mask with every row, no other does")
         start = 0
         while start < len(rows):
             take = min(self.block_rows - self.block_fill, len(rows) - start)
@@ -84,6 +107,8 @@ class SplitWriter:
             self.block_lengths[self.block_fill : self.block_fill + take] = lengths[
                 start : start + take
             ]
+            if cond is not None:
+                self.block_cond[self.block_fill : self.block_fill + take] = cond[start : start + take]
             self.block_fill += take
             start += take
             if self.block_fill == self.block_rows:
@@ -96,10 +121,11 @@ class SplitWriter:
             self._open_shard()
         key = f"{self.rows_written:010d}"
         n = self.block_fill
-        for member, array in (
-            (TOKENS_MEMBER, self.block[:n]),
-            (LENGTHS_MEMBER, self.block_lengths[:n]),
-        ):
+        members = [(TOKENS_MEMBER, self.block[:n]), (LENGTHS_MEMBER, self.block_lengths[:n])]
+        if self.conditioned:
+            members.append((COND_MEMBER, pack_cond(self.block_cond[:n])))
+            self.num_cond_tokens += int(self.block_cond[:n].sum())
+        for member, array in members:
             data = _npy_bytes(array)
             self._write(
                 _tar_header(f"{key}.{member}", len(data)) + data + b"\0" * (-len(data) % TAR_BLOCK)
@@ -111,6 +137,7 @@ class SplitWriter:
         self.rows_written += n
         self.block_fill = 0
         self.block[:] = self.pad_id
+        self.block_cond[:] = False
         if shard["bytes"] >= self.shard_bytes:
             self._close_shard()
 
@@ -147,6 +174,7 @@ class SplitWriter:
             "num_tokens": sum(s["num_tokens"] for s in self.shards),
             "num_documents": self.num_documents,
             "num_truncated_documents": self.num_truncated,
+            **({"num_cond_tokens": self.num_cond_tokens} if self.conditioned else {}),
             "shards": self.shards,
         }
 
@@ -186,7 +214,11 @@ class Packer:
         self.content = writer.seq_length - len(self.frame)
         self.carry = np.zeros(0, dtype=np.int64)
 
-    def add(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+    def add(
+        self, ids: np.ndarray, lengths: np.ndarray, prompt_lengths: np.ndarray | None = None
+    ) -> None:
+        if prompt_lengths is not None:
+            raise ValueError(CONDITIONING_NEEDS_PADDED)
         stream, _ = _frame_documents(ids, lengths, self.doc_prefix, self.doc_suffix)
         self.writer.num_documents += len(lengths)
         stream = np.concatenate([self.carry, stream])
@@ -217,7 +249,12 @@ class Packer:
 
 
 class Padder:
-    """``padded`` layout: one document per row, truncated (keeping EOS) and padded."""
+    """``padded`` layout: one document per row, truncated (keeping EOS) and padded.
+
+    With ``prompt_lengths`` (conditioned records: ids = prompt + response), ``[BOS]`` and the
+    prompt's ids are the row's conditioned positions; the caller guarantees that a prompt leaves
+    room for at least one response token (``max_prompt_tokens``).
+    """
 
     def __init__(self, writer: SplitWriter, *, bos_id: int | None, eos_id: int) -> None:
         self.writer = writer
@@ -225,7 +262,14 @@ class Padder:
         self.eos_id = eos_id
         self.room = writer.seq_length - len(self.prefix) - 1
 
-    def add(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The longest prompt that leaves one response token and EOS in a row."""
+        return self.room - 1
+
+    def add(
+        self, ids: np.ndarray, lengths: np.ndarray, prompt_lengths: np.ndarray | None = None
+    ) -> None:
         n, seq_length = len(lengths), self.writer.seq_length
         rows = np.full((n, seq_length), self.writer.pad_id, dtype=np.int64)
         kept = np.minimum(lengths, self.room)
@@ -238,7 +282,12 @@ class Padder:
         rows[np.arange(n), p + kept] = self.eos_id
         self.writer.num_documents += n
         self.writer.num_truncated += int((lengths > self.room).sum())
-        self.writer.add_rows(rows, (p + kept + 1).astype(np.int32))
+        cond = None
+        if prompt_lengths is not None:
+            if (prompt_lengths > self.max_prompt_tokens).any() or (prompt_lengths >= lengths).any():
+                raise AssertionError("a prompt longer than the row reached the layout")
+            cond = np.arange(seq_length)[None, :] < (p + prompt_lengths)[:, None]
+        self.writer.add_rows(rows, (p + kept + 1).astype(np.int32), cond)
 
     def finish(self) -> None:
         pass

@@ -259,6 +259,7 @@ class DiffusionFamily(nn.Module):
         *,
         rev_head: nn.Module | None = None,
         valid_BL: Tensor | None = None,
+        free_BL: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """One backbone pass -> what a sampler draws from (``sampling.DenoiserOutput``'s fields).
 
@@ -269,6 +270,8 @@ class DiffusionFamily(nn.Module):
                 as ``rev_head(hidden_BLD)`` or, with ``valid_BL``, ``rev_head(hidden_BLD, valid_BL)``.
             valid_BL: Non-pad positions, (B, L) bool; None (samplers) means all valid. Where
                 the exponents normalise over positions (NormSig) the mean runs over these.
+            free_BL: The positions to generate (not given by a prompt, method.md §5.9), (B, L)
+                bool; where set, NormSig's mean runs over these instead (as in training).
 
         Returns:
             ``(logits_BLV, e_R)``: the logits to draw tokens from and the reverse exponents

@@ -127,6 +127,7 @@ class GenMD4Family(DiffusionFamily):
         *,
         rev_head: nn.Module | None = None,
         valid_BL: Tensor | None = None,
+        free_BL: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """See ``DiffusionFamily.denoiser_outputs``: e_R = sum_v softmax_SUBS(logits)_v w_v and
         the logits tilted by log w, so tokens are drawn from x~_v ∝ w_v mu_v (method.md §2)."""

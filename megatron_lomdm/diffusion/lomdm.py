@@ -148,10 +148,13 @@ class LoMDMFamily(DiffusionFamily):
         *,
         rev_head: nn.Module | None = None,
         valid_BL: Tensor | None = None,
+        free_BL: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """See ``DiffusionFamily.denoiser_outputs``: e_R = c1 + c2 NormSig(rev_head(hidden))
         from the same pass (method.md §3.5)."""
         if rev_head is None:
             raise ValueError("the lomdm family needs rev_head to compute e_R")
+        if free_BL is not None:  # conditioned: centring and NormSig over the positions to generate
+            return logits_BLV, self.exponents(rev_head(hidden_BLD, valid_BL, free_BL), free_BL)
         rev_logits_BL = rev_head(hidden_BLD) if valid_BL is None else rev_head(hidden_BLD, valid_BL)
         return logits_BLV, self.exponents(rev_logits_BL, valid_BL)

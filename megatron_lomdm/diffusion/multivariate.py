@@ -174,6 +174,7 @@ class MultivariateFamily(ContextFreeFamily):
         *,
         rev_head: nn.Module | None = None,
         valid_BL: Tensor | None = None,
+        free_BL: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """See ``DiffusionFamily.denoiser_outputs``: its per-position exponents w (alpha_R =
         alpha_F = 1 - t^w; NormSig over all positions, or each row's valid ones), so every
@@ -182,5 +183,6 @@ class MultivariateFamily(ContextFreeFamily):
         if L != self.seq_length:
             raise ValueError(f"the multivariate family has one order logit per position: sequences "
                              f"must have length {self.seq_length}, got {L}")
-        e_XL = self.exponents() if valid_BL is None else self.exponents(valid_BL)  # fp32 (as lomdm's e_R)
+        norm_BL = valid_BL if free_BL is None else free_BL  # NormSig's set: the positions to generate
+        e_XL = self.exponents() if norm_BL is None else self.exponents(norm_BL)  # fp32 (as lomdm's e_R)
         return logits_BLV, e_XL.detach().expand(B, L).to(logits_BLV.device)

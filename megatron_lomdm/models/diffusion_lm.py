@@ -15,6 +15,11 @@ returns `LossTerms`; the family decides which parts run (no family names here):
 4. the NELBO terms and the RLOO surrogate (`losses.objective`), plus order diagnostics and the
    forward head's gradient signal-to-noise sums (`losses.grad_snr`).
 
+Conditioning (method.md §5.9): `cond_BL` marks given (prompt) positions. Attention and padding
+use `valid_BL`; everything about generation (the schedule's NormSig mean, the mask draws, the loss
+and its token count, log q, the order diagnostics) uses `free_BL = valid_BL & ~cond_BL`, so a
+conditioned position is clean in every corruption and contributes nothing to the NELBO.
+
 Legend: B sequences, K corruptions, L positions, V vocabulary (this TP rank's slice), D hidden.
 """
 
@@ -132,12 +137,14 @@ class DiffusionLM(MegatronModule):
             self.backbone.train(was_training)
         return out[1] if self.backbone.post_process else out
 
-    def forward_head_logits(self, hidden_x_BLD: Tensor, valid_BL: Tensor) -> Tensor:
-        """g_phi on stop-grad clean features; the graph to phi is kept for phase two's backward."""
-        return self.fwd_head(hidden_x_BLD.detach(), valid_BL)  # stop-grad: f(x) (method.md §3.1)
+    def forward_head_logits(self, hidden_x_BLD: Tensor, valid_BL: Tensor, free_BL: Tensor | None = None) -> Tensor:
+        """g_phi on stop-grad clean features; the graph to phi is kept for phase two's backward.
+        `free_BL`: the positions to generate (the logits' centring runs over them)."""
+        return self.fwd_head(hidden_x_BLD.detach(), valid_BL, free_BL)  # stop-grad: f(x) (method.md §3.1)
 
     def forward(self, tokens_BL: Tensor, valid_BL: Tensor, index_B: Tensor, step: int,
-                fwd_logits_BL: Tensor | None = None) -> tuple[LossTerms, dict[str, Tensor]] | Tensor:
+                fwd_logits_BL: Tensor | None = None,
+                cond_BL: Tensor | None = None) -> tuple[LossTerms, dict[str, Tensor]] | Tensor:
         """Phase two on this pipeline stage.
 
         Every stage derives t, the forward schedule and the masks (cheap, and identical everywhere
@@ -150,16 +157,18 @@ class DiffusionLM(MegatronModule):
             step: optimizer step (negative for evaluation noise).
             fwd_logits_BL: forward-head logits from phase one (families with
                 `needs_clean_features`); with the graph to phi on the last stage.
+            cond_BL: given (prompt) positions, never masked nor counted; None: none.
         Returns:
             On the last stage (LossTerms, diagnostics); elsewhere the stage's output activations.
         """
         family = self.family
         B, L = tokens_BL.shape
         K = family.num_corruptions
+        free_BL = free_positions(valid_BL, cond_BL)
         t_B = self.draw_time(index_B, step)
-        sched = family.estimator_schedule(x_BL=tokens_BL, t_B=t_B, fwd_logits_BL=fwd_logits_BL, valid_BL=valid_BL)
+        sched = family.estimator_schedule(x_BL=tokens_BL, t_B=t_B, fwd_logits_BL=fwd_logits_BL, valid_BL=free_BL)
         u_KBL = mask_uniforms(seed=self.seed, step=step, index_B=index_B, num_corruptions=K, seq_length=L)
-        mask_KBL = family.sample_masks(sched, u_KBL) & valid_BL  # pads are never masked
+        mask_KBL = family.sample_masks(sched, u_KBL) & free_BL  # pads and given tokens are never masked
         z_KBL = torch.where(mask_KBL, self.mask_id, tokens_BL.expand(K, B, L))
 
         z_NL = z_KBL.reshape(K * B, L)
@@ -176,27 +185,32 @@ class DiffusionLM(MegatronModule):
         rev_logits_KBL = None
         if family.needs_reverse_head:
             # stop-grad: the reverse scheduler reads f(z_t) features; psi learns, theta does not
-            rev_logits_KBL = self.rev_head(hidden_NLD.detach(), valid_NL).view(K, B, L)
+            rev_logits_KBL = self.rev_head(hidden_NLD.detach(), valid_NL, free_BL.repeat(K, 1)).view(K, B, L)
         rate_KBL = None
         if family.needs_expected_rate:
             rate_NL = expected_token_rate_vocab_parallel(logits_NLV, family.token_exponents(), self.mask_id)
             rate_KBL = rate_NL.view(K, B, L)
         velocity_hat_KBL = family.estimator_reverse_velocity(
             sched=sched,
-            t_KB=t_B.expand(K, B), rev_logits_KBL=rev_logits_KBL, expected_rate_KBL=rate_KBL, valid_BL=valid_BL
+            t_KB=t_B.expand(K, B), rev_logits_KBL=rev_logits_KBL, expected_rate_KBL=rate_KBL, valid_BL=free_BL
         )
-        log_q_KB = family.log_q(sched, mask_KBL, valid_BL)
+        log_q_KB = family.log_q(sched, mask_KBL, free_BL)
         terms = compute_loss_terms(
             family, sched=sched, mask_KBL=mask_KBL, logp_true_KBL=logp_true_KBL,
-            velocity_hat_KBL=velocity_hat_KBL, log_q_KB=log_q_KB, valid_BL=valid_BL,
+            velocity_hat_KBL=velocity_hat_KBL, log_q_KB=log_q_KB, valid_BL=free_BL,
             weight_B=self.time_weight(t_B, step),
         )
-        diag = order_diagnostics(sched, mask_KBL, logp_true_KBL, valid_BL)
-        diag.update(order_grad_snr(terms, fwd_logits_BL if self.grad_snr else None, valid_BL))
+        diag = order_diagnostics(sched, mask_KBL, logp_true_KBL, free_BL)
+        diag.update(order_grad_snr(terms, fwd_logits_BL if self.grad_snr else None, free_BL))
         if self.time_bins and self.training and step >= 0:  # P-POTS loss-scale statistics
             diag["time_stats"] = bin_loss_sums(t_B, terms.seq_nelbo, self.time_bins, self.eps_t,
-                                               keep_B=valid_BL.any(-1))
+                                               keep_B=free_BL.any(-1))
         return terms, diag
+
+
+def free_positions(valid_BL: Tensor, cond_BL: Tensor | None) -> Tensor:
+    """The positions to generate: valid and not conditioned (method.md §5.9)."""
+    return valid_BL if cond_BL is None else valid_BL & ~cond_BL.bool()
 
 
 DIAG_KEYS = ("exp_n", "exp_sum", "exp_sq", "corr_sum", "corr_seqs", *SNR_KEYS)

@@ -100,18 +100,22 @@ class SchedulerHead(nn.Module):
         self.out[-1].bias.zero_()
 
     def forward(
-        self, features_BLD: torch.Tensor, valid_BL: torch.Tensor | None = None
+        self, features_BLD: torch.Tensor, valid_BL: torch.Tensor | None = None,
+        free_BL: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scheduler logits.
 
         Args:
             features_BLD: backbone features [B, L, D] (already detached by the caller).
             valid_BL: bool [B, L], False at padding; pads are excluded as attention keys.
+            free_BL: bool [B, L], the positions to generate (valid and not conditioned): the
+                centring's mean runs over them; None: over ``valid_BL``.
 
         Returns:
             logits [B, L] in fp32 (values at pad positions are meaningless).
         """
         x_BLD = features_BLD.float()
+        center_BL = valid_BL if free_BL is None else free_BL
         keep_B11L = None
         if valid_BL is not None:
             valid_BL = valid_BL.bool()
@@ -121,7 +125,7 @@ class SchedulerHead(nn.Module):
             x_BLD = x_BLD + self.drop(self.attn(self.norm_attn(x_BLD), keep_B11L))
             x_BLD = x_BLD + self.drop(self.mlp(self.norm_mlp(x_BLD)))
             logits_BL = self.out(x_BLD).squeeze(-1)
-        return center_logits(logits_BL, valid_BL) if self.center else logits_BL
+        return center_logits(logits_BL, center_BL) if self.center else logits_BL
 
 
 def center_logits(logits_BL: torch.Tensor, valid_BL: torch.Tensor | None = None) -> torch.Tensor:

@@ -251,8 +251,13 @@ def denoiser_from_backbone(
     *,
     family: DiffusionFamily,
     rev_head: nn.Module | None = None,
+    given_BL: Tensor | None = None,
 ) -> Denoiser:
     """Wrap ``backbone(z_BL) -> (logits_BLV, hidden_BLD)`` into a one-pass denoiser.
+
+    With ``given_BL`` (the prompt positions a sampler keeps fixed: its ``fixed_BL``), learned
+    exponents normalise over the other positions, as training does for conditioned data
+    (method.md §5.9); without it, over all positions.
 
     The family turns the pass into the sampler's logits and reverse exponents
     (``DiffusionFamily.denoiser_outputs``):
@@ -269,6 +274,7 @@ def denoiser_from_backbone(
             the final hidden states; e.g. ``lambda z: model.backbone(z)`` at TP = 1.
         family: The model's family.
         rev_head: The reverse scheduler head g_psi (lomdm only).
+        given_BL: Bool (B, L), the positions given by a prompt; None: none.
 
     Returns:
         The denoiser.
@@ -281,7 +287,8 @@ def denoiser_from_backbone(
 
     def denoise(z_BL: Tensor) -> DenoiserOutput:
         logits_BLV, hidden_BLD = backbone(z_BL)
-        return DenoiserOutput(*family.denoiser_outputs(logits_BLV, hidden_BLD, rev_head=rev_head))
+        free_BL = None if given_BL is None else ~given_BL.bool()
+        return DenoiserOutput(*family.denoiser_outputs(logits_BLV, hidden_BLD, rev_head=rev_head, free_BL=free_BL))
 
     return denoise
 

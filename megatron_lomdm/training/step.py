@@ -33,7 +33,7 @@ from torch import nn
 from megatron_lomdm.distributed.engine import Engine, unwrap
 from megatron_lomdm.losses.grad_snr import SNR_KEYS
 from megatron_lomdm.losses.objective import LossTerms
-from megatron_lomdm.models.diffusion_lm import DIAG_KEYS
+from megatron_lomdm.models.diffusion_lm import DIAG_KEYS, free_positions
 
 REPORT_KEYS = ("nelbo", "main", "velocity", "rloo", "surrogate")
 # Report sums whose statistics the loop averages over a whole log interval (`IntervalSums`).
@@ -50,9 +50,13 @@ def loss_func(terms: LossTerms, diag: dict[str, torch.Tensor], output_tensor: to
 
 
 def _batch(data_iterator: Iterator[tuple[int, dict]], device: torch.device) -> tuple[int, torch.Tensor, ...]:
+    """`(j, tokens_BL, valid_BL, index_B, cond_BL)` on `device`; `cond_BL` is None for batches
+    without a conditioning mask (`data.loader`: ``cond``)."""
     j, batch = next(data_iterator)
+    cond = batch.get("cond")
     return (j, batch["tokens"].to(device, non_blocking=True), batch["valid"].to(device, non_blocking=True),
-            batch["sample_index"].to(device, non_blocking=True))
+            batch["sample_index"].to(device, non_blocking=True),
+            None if cond is None else cond.to(device, non_blocking=True))
 
 
 def _off_last_stage(output_tensor: torch.Tensor):
@@ -62,8 +66,9 @@ def _off_last_stage(output_tensor: torch.Tensor):
 def forward_step(step: int, device: torch.device, fwd_logits: list[torch.Tensor] | None,
                  data_iterator: Iterator[tuple[int, dict]], model: torch.nn.Module):
     """Phase two, one micro-batch: forward the corruptions; the loss closes it on the last stage."""
-    j, tokens_BL, valid_BL, index_B = _batch(data_iterator, device)
-    out = model(tokens_BL, valid_BL, index_B, step, fwd_logits_BL=None if fwd_logits is None else fwd_logits[j])
+    j, tokens_BL, valid_BL, index_B, cond_BL = _batch(data_iterator, device)
+    out = model(tokens_BL, valid_BL, index_B, step, fwd_logits_BL=None if fwd_logits is None else fwd_logits[j],
+                cond_BL=cond_BL)
     if isinstance(out, tuple):
         terms, diag = out
         return terms.surrogate, partial(loss_func, terms, diag)
@@ -71,9 +76,9 @@ def forward_step(step: int, device: torch.device, fwd_logits: list[torch.Tensor]
 
 
 def _keep_head_logits(store: dict[int, torch.Tensor], j: int, model: torch.nn.Module, valid_BL: torch.Tensor,
-                      hidden_BLD: torch.Tensor):
+                      free_BL: torch.Tensor, hidden_BLD: torch.Tensor):
     with torch.enable_grad():  # phase one runs without grad except for g_phi, whose graph phase two needs
-        store[j] = unwrap(model).forward_head_logits(hidden_BLD, valid_BL)
+        store[j] = unwrap(model).forward_head_logits(hidden_BLD, valid_BL, free_BL)
     zero = torch.zeros((), device=hidden_BLD.device)
     return zero, torch.zeros((), dtype=torch.int), {}
 
@@ -81,17 +86,18 @@ def _keep_head_logits(store: dict[int, torch.Tensor], j: int, model: torch.nn.Mo
 def clean_forward_step(device: torch.device, store: dict[int, torch.Tensor],
                        data_iterator: Iterator[tuple[int, dict]], model: torch.nn.Module):
     """Phase one, one micro-batch: clean x through this stage; the forward head on the last one."""
-    j, tokens_BL, valid_BL, _ = _batch(data_iterator, device)
+    j, tokens_BL, valid_BL, _, cond_BL = _batch(data_iterator, device)
     out = unwrap(model).clean_features(tokens_BL, valid_BL)
-    return out, partial(_keep_head_logits, store, j, model, valid_BL)
+    return out, partial(_keep_head_logits, store, j, model, valid_BL, free_positions(valid_BL, cond_BL))
 
 
-def clean_head_logits(model: nn.Module, tokens_BL: torch.Tensor, valid_BL: torch.Tensor) -> torch.Tensor:
+def clean_head_logits(model: nn.Module, tokens_BL: torch.Tensor, valid_BL: torch.Tensor,
+                      cond_BL: torch.Tensor | None = None) -> torch.Tensor:
     """Phase one of one micro-batch without a pipeline: f(x) of the clean sequence without grad
     (stop-grad, method.md §3.1), then the forward head's logits with their graph to phi."""
     with torch.no_grad():
         hidden_x_BLD = model.clean_features(tokens_BL, valid_BL)
-    return model.forward_head_logits(hidden_x_BLD, valid_BL)
+    return model.forward_head_logits(hidden_x_BLD, valid_BL, free_positions(valid_BL, cond_BL))
 
 
 class MicroBatchStep(nn.Module):
@@ -105,10 +111,13 @@ class MicroBatchStep(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens_BL: torch.Tensor, valid_BL: torch.Tensor, index_B: torch.Tensor, step: int):
+    def forward(self, tokens_BL: torch.Tensor, valid_BL: torch.Tensor, index_B: torch.Tensor, step: int,
+                cond_BL: torch.Tensor | None = None):
         model = self.model
-        fwd_logits_BL = clean_head_logits(model, tokens_BL, valid_BL) if model.family.needs_clean_features else None
-        terms, diag = model(tokens_BL, valid_BL, index_B, step, fwd_logits_BL=fwd_logits_BL)
+        fwd_logits_BL = None
+        if model.family.needs_clean_features:
+            fwd_logits_BL = clean_head_logits(model, tokens_BL, valid_BL, cond_BL)
+        terms, diag = model(tokens_BL, valid_BL, index_B, step, fwd_logits_BL=fwd_logits_BL, cond_BL=cond_BL)
         return terms.surrogate, terms, diag
 
 
@@ -245,9 +254,16 @@ def forward_backward(engine: Engine, data_iterator: Iterator[dict], *, step: int
     )
 
 
+def _free_tokens(batch: dict) -> int:
+    """The batch's positions to generate: valid and not conditioned."""
+    cond = batch.get("cond")
+    return int(batch["valid"].sum()) if cond is None else int((batch["valid"] & ~cond.bool()).sum())
+
+
 def global_valid_tokens(batches: list[dict], device: torch.device) -> int:
-    """Valid tokens of these micro-batches summed over the data-parallel ranks (one all-reduce)."""
-    count = torch.tensor([sum(int(b["valid"].sum()) for b in batches)], dtype=torch.float64, device=device)
+    """Tokens to generate (valid, not conditioned) of these micro-batches summed over the
+    data-parallel ranks (one all-reduce): the loss's divisor."""
+    count = torch.tensor([sum(_free_tokens(b) for b in batches)], dtype=torch.float64, device=device)
     if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
         dist.all_reduce(count, group=parallel_state.get_data_parallel_group())
     return int(count.item())
@@ -259,11 +275,11 @@ def _each_micro_batch(engine: Engine, batches: list[dict], *, step: int, device:
     global_tokens = 0 if forward_only else global_valid_tokens(batches, device)
     reports = []
     for j, batch in enumerate(batches):
-        _, tokens_BL, valid_BL, index_B = _batch(iter([(j, batch)]), device)
-        surrogate, terms, diag = engine.module(tokens_BL, valid_BL, index_B, step)
+        _, tokens_BL, valid_BL, index_B, cond_BL = _batch(iter([(j, batch)]), device)
+        surrogate, terms, diag = engine.module(tokens_BL, valid_BL, index_B, step, cond_BL)
         loss, num_tokens, report = loss_func(terms, diag, surrogate)
-        if int(num_tokens) != int(valid_BL.sum()):
-            raise AssertionError(f"the loss counted {int(num_tokens)} tokens of {int(valid_BL.sum())} valid positions")
+        if int(num_tokens) != _free_tokens(batch):
+            raise AssertionError(f"the loss counted {int(num_tokens)} tokens of {_free_tokens(batch)} free positions")
         if not forward_only:
             engine.backward(loss, global_tokens=global_tokens, last=j == len(batches) - 1)
         reports.append(report)

@@ -185,3 +185,19 @@ def test_parity_deepspeed_resume_after_kill(tiny_shards: Path, tmp_path: Path) -
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 13))
     assert _column(run_dir, "loss") == _column(tmp_path / "straight", "loss")
     assert _column(run_dir, "grad_norm") == _column(tmp_path / "straight", "grad_norm")
+
+
+@pytest.fixture(scope="module")
+def cond_runs(tiny_cond_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    return Runs(tmp_path_factory.mktemp("ds_cond_parity"), tiny_cond_shards)
+
+
+def test_parity_deepspeed_conditioned(cond_runs: Runs) -> None:
+    """Conditioning on (issue 19 §1): DeepSpeed ZeRO-2 at DP=2 gives the megatron one-process losses,
+    gradient norms, free-token counts and validation NELBO (over the responses only)."""
+    ref = cond_runs.reference("lomdm")
+    got, _ = cond_runs.deepspeed("lomdm", 2, 1)
+    assert _column(got, "loss") == pytest.approx(_column(ref, "loss"), rel=1e-5)
+    assert _column(got, "grad_norm") == pytest.approx(_column(ref, "grad_norm"), rel=1e-5)
+    assert _column(got, "num_tokens") == _column(ref, "num_tokens")
+    assert _column(got, "nelbo", "valid") == pytest.approx(_column(ref, "nelbo", "valid"), rel=1e-5)

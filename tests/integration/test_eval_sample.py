@@ -12,8 +12,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from megatron_lomdm.data.loader import ShardLoader
 from tests.helpers.runs import ROOT, clean_env, train
 
 SAMPLERS = ("ancestral", "exact", "mdlm_cache", "top_prob", "top_margin", "entropy_bound")
@@ -107,6 +109,33 @@ _MDLM_REFERENCE = textwrap.dedent("""
     ref = total / (int(valid.sum()) * D)
     print(json.dumps({"nelbo": res.nelbo, "main": res.main, "velocity": res.velocity, "ref": ref}))
 """)
+
+
+_COND_REFERENCE = (
+    _MDLM_REFERENCE.replace("tokens, lengths = reader.read_samples(np.arange(N))",
+                            "tokens, lengths, cond = reader.read_rows(np.arange(N))")
+    .replace("valid = torch.arange(L)[None, :] < torch.from_numpy(lengths)[:, None]",
+             "valid = torch.arange(L)[None, :] < torch.from_numpy(lengths)[:, None]\n"
+             "free = valid & ~torch.from_numpy(cond)")
+    .replace("m = (u[k] < torch.exp(torch.log(t))[:, None]) & valid", "m = (u[k] < torch.exp(torch.log(t))[:, None]) & free")
+    .replace("ref = total / (int(valid.sum()) * D)", "ref = total / (int(free.sum()) * D)")
+    .replace('"ref": ref}', '"ref": ref, "num_tokens": res.num_tokens, "free": int(free.sum()), '
+             '"valid_tokens": int(valid.sum())}')
+)
+
+
+def test_eval_conditioned_nelbo_is_the_responses(tiny_cond_shards: Path, tmp_path: Path) -> None:
+    """On conditioned shards (issue 19 §1) the evaluation's NELBO is the MDLM NELBO by hand over the
+    free (response) positions only, per response token: prompts are never masked nor counted."""
+    run = _trained(tmp_path / "cond", tiny_cond_shards, "train.steps=2", "diffusion.c1=1.0", "diffusion.c2=0.0",
+                   "checkpoint.interval=0")
+    script = tmp_path / "cond_reference.py"
+    script.write_text(_COND_REFERENCE)
+    out = subprocess.run([sys.executable, str(script), str(run)], cwd=ROOT, env=clean_env(),
+                         capture_output=True, text=True, timeout=300)
+    ref = _json(out)
+    assert ref["num_tokens"] == ref["free"] < ref["valid_tokens"]
+    assert ref["nelbo"] == pytest.approx(ref["ref"], rel=1e-5)
 
 
 def test_eval_velocity_included(lomdm_run: Path, poly_run: Path, tmp_path: Path) -> None:
@@ -291,3 +320,38 @@ def test_hf_judge_folder(tiny_tokenizer: Path, tmp_path: Path) -> None:
     assert len(rows[0]) == n - 1 and all(x <= 0 for x in rows[0])  # no BOS: the first token is context
     res = judge_gen_ppl(judge, [{"text": text}, {"text": "hello"}])
     assert math.isfinite(res["gen_ppl"]) and res["judge"]["kind"] == "hf"
+
+
+def test_sample_cli_prompts(tiny_cond_shards: Path, tmp_path: Path) -> None:
+    """`--prompts FILE.jsonl` (issue 19 §1): every sampler keeps each prompt ([BOS] + its ids, as
+    the preprocessing tokenizes it) verbatim in front of its samples; bad prompt files are refused."""
+    run = _trained(tmp_path / "cond", tiny_cond_shards, "train.steps=2", "checkpoint.interval=0")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"question": q}) + "\n" for q in ("The module", "Return the", "A")))
+    for name in SAMPLERS:
+        out = tmp_path / f"{name}.jsonl"
+        summary = _json(_cli("sample.py", "--run-dir", run, "--sampler", name, "--steps", "32", "--num-samples", "2",
+                             "--prompts", prompts, "--prompt-key", "question", "--out", out, "--no-hash"))
+        lines = _read_jsonl(out)
+        assert summary["num_samples"] == len(lines) == 6
+        assert [line["prompt"] for line in lines] == ["The module"] * 2 + ["Return the"] * 2 + ["A"] * 2
+        for line in lines:
+            ids, prompt = line["token_ids"], line["prompt_ids"]
+            assert len(prompt) >= 2 and ids[: len(prompt)] == prompt, (name, line)
+            assert MASK_ID not in ids
+    # the run's conditioned validation rows: their given tokens are the prompts
+    out = tmp_path / "valid.jsonl"
+    _json(_cli("sample.py", "--run-dir", run, "--sampler", "ancestral", "--steps", "8", "--num-samples", "1",
+               "--prompts", "valid", "--max-prompts", "2", "--out", out, "--no-hash"))
+    reader = ShardLoader(tiny_cond_shards, split="valid", micro_batch_size=1, global_batch_size=1, dp_rank=0,
+                         dp_size=1, seed=0, shuffle=False)
+    tokens, _, cond = reader.read_rows(np.arange(reader.num_samples))
+    want = [row[given].tolist() for row, given in zip(tokens, cond) if given.any()][:2]
+    lines = _read_jsonl(out)
+    assert [line["prompt_ids"] for line in lines] == want
+    assert all(line["token_ids"][: len(p)] == p for line, p in zip(lines, want))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "ok"}\n{"other": 1}\n')
+    refused = _cli("sample.py", "--run-dir", run, "--sampler", "ancestral", "--steps", "4", "--num-samples", "1",
+                   "--prompts", bad, "--prompt-key", "question", "--no-hash")
+    assert refused.returncode == 2 and f"{bad}:2: no string field 'question'" in refused.stderr
