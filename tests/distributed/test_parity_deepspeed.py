@@ -103,6 +103,20 @@ def test_parity_deepspeed_vs_megatron(family: str, zero: int, tp: int, runs: Run
         assert _column(got, "nelbo", "valid") == pytest.approx(_column(ref, "nelbo", "valid"), rel=1e-5)
 
 
+def test_deepspeed_checkpoint_exports_to_hf(runs: Runs, tmp_path: Path) -> None:
+    """A DeepSpeed ZeRO-2 run's checkpoint exports through the one reader (checkpoint format 2: its
+    model and EMA are in dist/ like a megatron run's; the ZeRO partitions sit in deepspeed/)."""
+    from megatron_lomdm.checkpoint.hf_export import export_run
+
+    run_dir, _ = runs.deepspeed("lomdm", 2, 1)
+    folder = run_dir / "checkpoints" / "step_0000003"
+    assert (folder / "deepspeed").is_dir() and (folder / "dist" / "metadata.json").is_file()
+    result = export_run(run_dir, tmp_path / "hf", verify=True)
+    assert result.ema and result.source_layout == (1, 1)
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    assert max(result.max_abs_diff.values()) < 1e-5, result.max_abs_diff
+
+
 def test_parity_bytes_per_param(runs: Runs) -> None:
     """ZeRO-1/2/3 at DP=2: measured fp32 model-state bytes per parameter equal ZeRO's accounting."""
     P, G, K, dp = 4, 4, 12, 2  # fp32 params and grads; fp32 master + Adam m + v

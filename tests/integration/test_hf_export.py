@@ -428,16 +428,3 @@ def test_import_refuses_non_finite_weights(tp1_export: tuple[Path, dict], tiny_s
     line = out.stderr.strip().splitlines()[-1]
     assert f"HF folder {export}: weight 'lm_head.weight' has 3 non-finite values" in line, line
     assert not (tmp_path / "imported" / "checkpoints").exists()
-
-
-@pytest.mark.slow
-def test_export_deepspeed_zero2(tiny_shards: Path, tmp_path: Path, hf_home: Path) -> None:
-    """A DeepSpeed ZeRO-2 run exports through the same reader (its model and EMA are in dist/ too)."""
-    run_dir = tmp_path / "run"
-    _train(run_dir, tiny_shards, hf_home, "parallel.backend=deepspeed", "parallel.zero=2", nproc=2)
-    folder = run_dir / "checkpoints" / f"step_{STEPS:07d}"
-    assert (folder / "deepspeed").is_dir() and (folder / "dist" / "metadata.json").is_file()
-    result = hf_export.export_run(run_dir, tmp_path / "hf", verify=True)
-    _check_export_folder(tmp_path / "hf")
-    assert result.ema and result.source_layout == (1, 1)
-    assert max(result.max_abs_diff.values()) < 1e-5, result.max_abs_diff
