@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 r"""Megatron checkpoint (any TP x PP) <-> HF folder loadable with ``trust_remote_code=True``.
 
-Thin CLI over ``megatron_lomdm.checkpoint.hf_export`` (``export_run`` / ``import_hf``).
+Thin CLI over ``megatron_lomdm.apps.hf_export`` (``export_run`` / ``import_hf``).
 
 Export (EMA weights unless --no-ema; --verify reloads the export in a fresh process and compares
 its fp32 logits with the native model before the folder is published):
@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the export or the import; prints one JSON line describing the result."""
     args = parse_args(argv)
-    from megatron_lomdm.checkpoint.hf_export import ExportVerificationError, export_run, import_hf
+    from megatron_lomdm.apps.hf_export import ExportVerificationError, export_run, import_hf
 
     try:
         if args.from_hf:

@@ -106,7 +106,7 @@ def test_parity_deepspeed_vs_megatron(family: str, zero: int, tp: int, runs: Run
 def test_deepspeed_checkpoint_exports_to_hf(runs: Runs, tmp_path: Path) -> None:
     """A DeepSpeed ZeRO-2 run's checkpoint exports through the one reader (checkpoint format 2: its
     model and EMA are in dist/ like a megatron run's; the ZeRO partitions sit in deepspeed/)."""
-    from megatron_lomdm.checkpoint.hf_export import export_run
+    from megatron_lomdm.apps.hf_export import export_run
 
     run_dir, _ = runs.deepspeed("lomdm", 2, 1)
     folder = run_dir / "checkpoints" / "step_0000003"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_lomdm.checkpoint.hf_export import load_native_checkpoint
+from megatron_lomdm.apps.hf_export import load_native_checkpoint
 from megatron_lomdm.data.loader import ShardLoader
 from tests.helpers.runs import losses, read_metrics, train
 

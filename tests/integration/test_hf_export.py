@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import FileSystemReader
 
-from megatron_lomdm.checkpoint import hf_export
+from megatron_lomdm.apps import hf_export
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = "configs/experiments/tiny_cpu.yaml"

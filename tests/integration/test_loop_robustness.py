@@ -159,7 +159,7 @@ def test_nan_guard(tiny_shards: Path, tmp_path: Path) -> None:
 def _live_weights(run_dir: Path, out: Path) -> dict[str, torch.Tensor]:
     """The live (non-EMA) weights of a run's latest checkpoint, read in a separate process
     (reading dist_checkpointing needs megatron's process groups)."""
-    script = ("import sys, torch; from megatron_lomdm.checkpoint.hf_export import load_native_checkpoint; "
+    script = ("import sys, torch; from megatron_lomdm.apps.hf_export import load_native_checkpoint; "
               "ck = load_native_checkpoint(sys.argv[1], ema=False); "
               "torch.save({k: v for k, v in ck.state_dict.items() if isinstance(v, torch.Tensor)}, sys.argv[2])")
     done = subprocess.run([sys.executable, "-c", script, str(run_dir), str(out)], cwd=ROOT, env=clean_env(),

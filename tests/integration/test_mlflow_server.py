@@ -91,7 +91,7 @@ def test_mlflow_real_server(tiny_shards: Path, tmp_path: Path) -> None:
         assert record["forward_rate"]["n"] > 0 and record["reverse_exponent"]["n"] > 0
         assert "seed" in (run_dir / "artifacts" / "step_0000006" / "samples.txt").read_text().splitlines()[0]
         # tools/convert_to_hf.py on a tracked run logs the export to the same MLflow run
-        from megatron_lomdm.checkpoint.hf_export import export_run
+        from megatron_lomdm.apps.hf_export import export_run
 
         export_run(run_dir, tmp_path / "hf")
         exported = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "hf_export/step_0000006")}

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_lomdm.checkpoint.hf_export import load_native_checkpoint
+from megatron_lomdm.apps.hf_export import load_native_checkpoint
 from tests.helpers.runs import ROOT, clean_env, losses, read_metrics, train
 
 LEARN = ("diffusion.name=multivariate", "train.steps=4", "checkpoint.interval=2")

@@ -50,10 +50,8 @@ KNOWN_UPWARD: dict[tuple[str, str], str] = {
 }
 # Cycles among non-upward imports: ("folders" | "modules", members) -> the issue-18 item that removes it.
 KNOWN_CYCLES: dict[tuple[str, frozenset[str]], str] = {
-    # items 2 and 3: checkpoint/hf_export.py builds the model with training.build (build_model,
-    # build_run) while training/build.py uses checkpoint/; the HF export moves to apps/ and reads
-    # through the one checkpoint reader.
-    ("folders", frozenset({"checkpoint", "training"})): "2+3: HF export in apps/",
+    # (items 2 and 3, the checkpoint <-> training folder cycle, is gone: the HF export, which builds
+    # the model with training.build, lives in apps/hf_export.py and reads through the one reader.)
     # (item 4, data/'s blend <-> loader <-> shards <-> sources cycle, is gone: keep it that way.)
 }
 
