@@ -101,12 +101,12 @@ def summary(root: Path, shards: Path, run_dir: Path, nelbo: Path, samples: Path,
 
 
 # Reload the export in a fresh interpreter through transformers only, and generate with the learned order.
-HF_RELOAD = """
+HF_RELOAD = r"""
 import sys
 from transformers import AutoModel, AutoTokenizer
 model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True, local_files_only=True).eval()
 tok = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True, local_files_only=True)
 ids = model.generate(num_samples=2, steps=64, seed=0)
 for row in ids:
-    print("  HF sample:", repr(tok.decode(row.tolist())[:160]))
+    sys.stdout.write(f"  HF sample: {tok.decode(row.tolist())[:160]!r}\n")
 """

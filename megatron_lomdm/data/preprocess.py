@@ -857,16 +857,16 @@ def main(argv: list[str] | None = None, *, description: str | None = None) -> in
     """Run ``tools/preprocess_data.py``'s command line; returns the exit status (2: an error)."""
     args = cli_parser(description or __doc__.splitlines()[0]).parse_args(argv)
     if bool(args.input) == bool(args.hf_dataset):
-        print(f"{_PROG}: error: pass --input or --hf-dataset (one of them)", file=sys.stderr)
+        sys.stderr.write(f"{_PROG}: error: pass --input or --hf-dataset (one of them)\n")
         return 2
     try:
         write_shards(args.input, args.output_dir, **_job_options(args))
     except ValueError as err:
-        print(f"{_PROG}: error: {err}", file=sys.stderr)
+        sys.stderr.write(f"{_PROG}: error: {err}\n")
         return 2
     except OSError as err:
         message = os_error_message(err, args.output_dir)
-        print(f"{_PROG}: error: {message}", file=sys.stderr)
+        sys.stderr.write(f"{_PROG}: error: {message}\n")
         return 2
     return 0
 

@@ -31,7 +31,9 @@ def fill_dist_tensor(dist_dir: Path, key: str, value: float = math.nan) -> int:
         assert at >= 0 and record.find(raw, at + 1) < 0, f"{key}: its bytes are not found once in {path}"
         start = info.offset + at
         blob[start: start + len(raw)] = torch.full_like(chunk, value).numpy().tobytes()
+        size = path.stat().st_size
         path.write_bytes(bytes(blob))
+        assert path.stat().st_size == size  # edited in place: every file keeps the size meta.pt recorded
         changed += chunk.numel()
     assert changed, f"no tensor {key!r} in {dist_dir}"
     return changed
