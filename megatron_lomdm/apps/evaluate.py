@@ -50,6 +50,7 @@ from megatron_lomdm.models.diffusion_lm import DIAG_KEYS
 from megatron_lomdm.training.step import forward_backward, order_stats
 from megatron_lomdm.utils.logging import get_logger
 from megatron_lomdm.utils.progress import progress
+from megatron_lomdm.utils.proc import quick_exit_gc
 
 log = get_logger(__name__)
 
@@ -333,6 +334,7 @@ def report(run: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 def main(args: argparse.Namespace) -> int:
     """``tools/evaluate.py`` with its parsed flags; returns the exit code (0 done, 2 bad input)."""
+    quick_exit_gc()
     try:
         run = open_run(args.run_dir, checkpoint=args.checkpoint, overrides=args.overrides)
         if args.score_jsonl is not None:

@@ -27,6 +27,7 @@ from megatron_lomdm.apps.judges import (
 )
 from megatron_lomdm.sampling import SAMPLERS, build_sampler, sampler_options, sampler_record
 from megatron_lomdm.sampling.grids import GridSpec
+from megatron_lomdm.utils.proc import quick_exit_gc
 
 EXIT_BAD_INPUT = 2
 
@@ -41,6 +42,7 @@ def grid_spec(args: argparse.Namespace, default_t_min: float | None) -> GridSpec
 
 def main(args: argparse.Namespace) -> int:
     """``tools/sample.py`` with its parsed flags; returns the exit code (0 done, 2 bad input)."""
+    quick_exit_gc()
     try:
         if args.num_samples < 1 or args.steps < 1:
             raise ValueError("--num-samples and --steps must be >= 1")

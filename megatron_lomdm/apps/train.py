@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from megatron_lomdm.config import dump_config, load_config
+from megatron_lomdm.utils.proc import quick_exit_gc
 
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 3
@@ -26,6 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quick_exit_gc()
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
