@@ -235,4 +235,7 @@ def main(report_path: str) -> None:
 
 
 if __name__ == "__main__":
+    from megatron_lomdm.utils.proc import quick_exit_gc
+
+    quick_exit_gc()  # as the commands do: no shutdown collections
     main(sys.argv[1])
