@@ -288,6 +288,76 @@ def test_hf_generate_matches_native_sampler(tp1_run: Path, tp1_export: tuple[Pat
             assert got["num_calls"] == ref.num_calls, steps
 
 
+_GENERATE_PROMPTED = r"""
+import json, sys, torch
+from transformers import AutoModel
+model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True, local_files_only=True).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+spec = json.loads(sys.argv[2])
+prefix = model.generate(input_ids=spec["prefixes"], num_samples=2, steps=10, seed=5, return_dict=True)
+grid = torch.tensor(spec["grid"])
+inplace = model.generate(prompt_ids=grid, given_mask=grid != spec["mask_id"], steps=10, seed=5,
+                         return_dict=True)
+print(json.dumps({"prefix": prefix["sequences"].tolist(), "prefix_given": prefix["given_mask"].tolist(),
+                  "inplace": inplace["sequences"].tolist(), "inplace_calls": inplace["num_calls"]}))
+"""
+
+
+def test_hf_generate_with_prompt_matches_native(tp1_run: Path, tp1_export: tuple[Path, dict],
+                                                tmp_path: Path, hf_home: Path) -> None:
+    """Issue 19 §1: the export's ``generate`` takes a prompt (fresh process, ``trust_remote_code``):
+    prefixes of any length (``input_ids``, each prompt ``num_samples`` times) and tokens given in
+    place (``prompt_ids`` + ``given_mask``, Sudoku's layout). Given tokens are never changed, every
+    other position gets a non-[MASK] token, and the samples equal the native ancestral sampler's for
+    the same seed, with the reverse exponents normalised over the positions to generate
+    (``given_BL``), as ``apps/generate.py`` wires it. The reverse head's output layer is scaled up
+    (in the export and the native model alike) so that this normalisation visibly matters: 4 steps
+    leave the learned order nearly flat."""
+    from megatron_lomdm.apps.generate import prompt_batch
+    from megatron_lomdm.config import load_config
+    from megatron_lomdm.sampling.ancestral import AncestralSampler
+    from megatron_lomdm.sampling.base import denoiser_from_backbone
+
+    gen = torch.Generator().manual_seed(11)
+    prefixes = [[1, *torch.randint(4, 512, (n,), generator=gen).tolist()] for n in (19, 11)]
+    given = torch.rand(2, 32, generator=gen) < 0.5  # scattered givens, as a puzzle's cells
+    grid = torch.where(given, torch.randint(4, 512, (2, 32), generator=gen), 3)
+    spec = {"prefixes": prefixes, "grid": grid.tolist(), "mask_id": 3}
+    export = Path(shutil.copytree(tp1_export[0], tmp_path / "sharp"))
+    weights = load_file(str(export / "model.safetensors"))
+    weights["reverse_head.out.3.weight"] *= 3000.0  # a sharp learned order
+    save_file(weights, str(export / "model.safetensors"), metadata={"format": "pt"})
+    out = _run([sys.executable, "-c", _GENERATE_PROMPTED, str(export), json.dumps(spec)], hf_home)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    prefix_ids, inplace = torch.tensor(res["prefix"]), torch.tensor(res["inplace"])
+    rows = [p for p in prefixes for _ in range(2)]  # num_samples=2 per prompt, consecutive
+    prompt_BL, fixed_BL = prompt_batch(rows, 32, 3)
+    assert prefix_ids.shape == (4, 32) and torch.equal(torch.tensor(res["prefix_given"]), fixed_BL)
+    assert torch.equal(prefix_ids[fixed_BL], prompt_BL[fixed_BL])  # prompts unchanged
+    assert torch.equal(inplace[given], grid[given])
+    for ids in (prefix_ids, inplace):
+        assert not bool((ids == 3).any()) and bool((ids >= 0).all() and (ids < 512).all())
+
+    cfg = load_config(tp1_run / "config.yaml")
+    full = hf_export.load_native_checkpoint(tp1_run).state_dict
+    full["rev_head.out.3.weight"] = full["rev_head.out.3.weight"] * 3000.0
+    with hf_export.native_session(cfg.train.seed):
+        model = hf_export.build_native_tp1(cfg, full)
+        sampler = AncestralSampler(mask_id=3, num_steps=10, family=model.family)
+
+        def native(prompt: torch.Tensor, fixed: torch.Tensor, given_BL: torch.Tensor | None):
+            denoise = denoiser_from_backbone(lambda z: model.backbone(z), family=model.family,
+                                             rev_head=model.rev_head, given_BL=given_BL)
+            return sampler.sample(denoise, prompt_BL=prompt, fixed_BL=fixed,
+                                  generator=torch.Generator().manual_seed(5))
+
+        assert torch.equal(prefix_ids, native(prompt_BL, fixed_BL, fixed_BL).tokens_BL)
+        # the test can tell: normalising over every position (no given_BL) samples differently
+        assert not torch.equal(prefix_ids, native(prompt_BL, fixed_BL, None).tokens_BL)
+        ref = native(grid, given, given)
+        assert torch.equal(inplace, ref.tokens_BL) and res["inplace_calls"] == ref.num_calls
+
+
 @pytest.mark.parametrize("family", ["genmd4", "bd3lm", "multivariate"])
 def test_export_other_families(family: str, tp1_run: Path, tmp_path: Path) -> None:
     """GenMD4 (token exponents), BD3LM (slot schedule) and multivariate (per-position order
