@@ -239,6 +239,67 @@ def test_hf_native_roundtrip_exact(tp1_export: tuple[Path, dict], tiny_shards: P
     assert record["step"] == 1 and record["nelbo"] > 0
 
 
+_FIRST_STEP_FROM_EXPORT = r"""
+import json, sys, torch
+from safetensors.torch import load_file
+from megatron_lomdm.apps import hf_export
+from megatron_lomdm.config import load_config
+from megatron_lomdm.config.load import replace
+from megatron_lomdm.training.build import build_run
+from megatron_lomdm.training.step import forward_backward, reduce_reports
+
+config, fresh_dir, export = sys.argv[1:4]
+cfg = replace(load_config(config), run={"dir": fresh_dir}, tracking={"enabled": False})
+run = build_run(cfg, read_only=True)  # a fresh initialisation: no checkpoint is read
+batches = [next(run.train_iter) for _ in range(run.num_microbatches)]  # the fine-tune's first batch
+
+def first_step():
+    reports = forward_backward(run.engine, iter(batches), step=0, num_microbatches=len(batches),
+                               seq_length=cfg.model.seq_length, micro_batch_size=cfg.train.micro_batch_size,
+                               device=run.device, forward_only=True)
+    out = reduce_reports(reports, run.device)
+    return {"nelbo": out.values["nelbo"], "loss": out.values["surrogate"], "num_tokens": out.num_tokens}
+
+fresh = first_step()
+full = hf_export.hf_to_native(load_file(export + "/model.safetensors"))  # the export's weights, not the checkpoint
+model = run.model
+model.load_state_dict(hf_export.slice_for_rank(model.state_dict(), full, tp_rank=0, tp=1,
+                                               layer_numbers=list(range(cfg.model.num_layers)),
+                                               vocab_size=cfg.model.vocab_size))
+exported = first_step()
+response = sum(int((b["valid"] & ~b["cond"].bool()).sum()) for b in batches)
+prompt = sum(int((b["valid"] & b["cond"].bool()).sum()) for b in batches)
+run.close()
+print(json.dumps({"fresh": fresh, "exported": exported, "response_tokens": response, "prompt_tokens": prompt}))
+"""
+
+
+def test_finetune_imported_export_on_conditioned_data(tp1_export: tuple[Path, dict], tiny_cond_shards: Path,
+                                                      tmp_path: Path, hf_home: Path) -> None:
+    """Issue 19 §1, through the CLI: export -> ``--from-hf`` import onto conditioned shards
+    (``--prompt-key``/``--response-key`` preprocessing: a ``cond`` member) -> ``python -m
+    megatron_lomdm.train``. The fine-tune's first step is the export's: its loss equals the loss of
+    the exported weights (read from model.safetensors, not the checkpoint) on the same batch and
+    noise, not that of a fresh initialisation, and its token count is the batch's response tokens
+    only (the prompt positions are excluded from the loss)."""
+    run_dir = tmp_path / "ft"
+    _run([sys.executable, "tools/convert_to_hf.py", "--from-hf", str(tp1_export[0]), "--to-run-dir", str(run_dir),
+          f"data.train={tiny_cond_shards}", "train.steps=1", "train.log_interval=1", "train.eval_interval=0"],
+         hf_home)
+    _run([sys.executable, "-m", "megatron_lomdm.train", "--config", str(run_dir / "config.yaml")], hf_home)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000001"
+    record = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert record["step"] == 1 and record["kind"] == "train"
+    out = _run([sys.executable, "-c", _FIRST_STEP_FROM_EXPORT, str(run_dir / "config.yaml"), str(tmp_path / "fresh"),
+                str(tp1_export[0])], hf_home)
+    ref = json.loads(out.stdout.strip().splitlines()[-1])
+    assert ref["prompt_tokens"] > 0 and ref["response_tokens"] > 0  # the batch is conditioned
+    assert record["num_tokens"] == ref["exported"]["num_tokens"] == ref["response_tokens"]
+    for key in ("nelbo", "loss"):
+        assert record[key] == pytest.approx(ref["exported"][key], rel=1e-6, abs=1e-9), key
+        assert record[key] != pytest.approx(ref["fresh"][key], rel=1e-3), key  # the test can tell
+
+
 def test_hf_reverse_exponents_match_native(tp1_run: Path, tp1_export: tuple[Path, dict]) -> None:
     """The export's features and reverse-head exponents equal the native DiffusionLM's."""
     from megatron_lomdm.checkpoint.hf_modeling import LoMDMForMaskedDiffusion
