@@ -419,6 +419,32 @@ def test_hf_generate_with_prompt_matches_native(tp1_run: Path, tp1_export: tuple
         assert torch.equal(inplace, ref.tokens_BL) and res["inplace_calls"] == ref.num_calls
 
 
+def test_hf_generate_rejects_bad_prompts() -> None:
+    """``generate``'s prompt arguments are checked before sampling (a fresh tiny model, no run)."""
+    from megatron_lomdm.checkpoint.hf_modeling import LoMDMConfig, LoMDMForMaskedDiffusion
+
+    cfg = LoMDMConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                      max_position_embeddings=8, family="lomdm", c1=0.7, c2=0.5, mask_id=3)
+    model = LoMDMForMaskedDiffusion(cfg).eval()
+    grid = torch.tensor([[5, 3, 7, 3, 3, 9, 3, 3]])
+    for kwargs, message in [
+        ({"input_ids": [[1] * 8]}, "prompt 0 has 8 tokens"),
+        ({"input_ids": [[1, 2]], "prompt_ids": grid}, "not both"),
+        ({"input_ids": [[1, 3]]}, r"\[MASK\] or outside the vocabulary"),
+        ({"input_ids": [[1, 40]]}, "outside the vocabulary"),
+        ({"prompt_ids": grid, "given_mask": grid == 3}, r"\[MASK\]"),
+        ({"prompt_ids": grid, "given_mask": torch.ones(1, 7, dtype=torch.bool)}, "given_mask has shape"),
+        ({"given_mask": grid != 3}, "given_mask needs prompt_ids"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            model.generate(steps=2, seed=0, **kwargs)
+    out = model.generate(input_ids=[[1, 2, 4], [5]], num_samples=3, steps=4, seed=0, return_dict=True)
+    assert out["sequences"].shape == (6, 8) and out["given_mask"].sum(1).tolist() == [3, 3, 3, 1, 1, 1]
+    assert out["sequences"][:3, :3].eq(torch.tensor([1, 2, 4])).all() and out["sequences"][3:, 0].eq(5).all()
+    kept = model.generate(prompt_ids=grid, steps=4, seed=0)  # given_mask defaults to the non-[MASK] cells
+    assert kept[grid != 3].tolist() == [5, 7, 9] and not bool((kept == 3).any())
+
+
 @pytest.mark.parametrize("family", ["genmd4", "bd3lm", "multivariate"])
 def test_export_other_families(family: str, tp1_run: Path, tmp_path: Path) -> None:
     """GenMD4 (token exponents), BD3LM (slot schedule) and multivariate (per-position order

@@ -389,8 +389,8 @@ class LoMDMForMaskedDiffusion(LoMDMPreTrainedModel):
         return self.family(input_ids.shape[1]).exponents(fwd_logits_BL, valid_BL)
 
     # ---- sampling -----------------------------------------------------------------------------
-    def _prompt(self, input_ids, prompt_ids: torch.Tensor | None, given_mask: torch.Tensor | None,
-                num_samples: int, L: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _prompt(self, input_ids: torch.Tensor | list[list[int]] | None, prompt_ids: torch.Tensor | None,
+                given_mask: torch.Tensor | None, num_samples: int, L: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The sampler's initial tokens and given positions ([B, L] each, B = prompts x
         ``num_samples``), or None for unconditional generation.
 
@@ -441,7 +441,7 @@ class LoMDMForMaskedDiffusion(LoMDMPreTrainedModel):
     def generate(self, num_samples: int = 1, steps: int | None = None, seed: int | None = None,
                  temperature: float = 1.0, top_p: float = 1.0, seq_length: int | None = None,
                  prompt_ids: torch.Tensor | None = None, use_cache: bool = True,
-                 return_dict: bool = False, *, input_ids=None,
+                 return_dict: bool = False, *, input_ids: torch.Tensor | list[list[int]] | None = None,
                  given_mask: torch.Tensor | None = None) -> torch.LongTensor | dict:
         """Unconditional or conditioned generation with the project's OeMDM ancestral sampler.
 
