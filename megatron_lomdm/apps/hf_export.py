@@ -715,6 +715,9 @@ model = AutoModel.from_pretrained(PATH, trust_remote_code=True)
 tokenizer = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)  # reads config.json
 ids = model.generate(num_samples=4, steps=128, seed=0)   # OeMDM ancestral sampler
 texts = tokenizer.batch_decode(ids)
+prompt = [tokenizer.bos_token_id] + tokenizer.encode("A prompt", add_special_tokens=False)
+ids = model.generate(input_ids=[prompt], num_samples=2, seed=0)   # the prompt is never changed
+# in place (e.g. a puzzle's givens): model.generate(prompt_ids=ids_BL, given_mask=given_BL)
 ```
 
 `model(input_ids, attention_mask)` returns the raw logits over the vocabulary (SUBS: give

@@ -80,6 +80,36 @@ def read_prompts(path: str | Path, key: str) -> list[str]:
         ValueError: ``file:line`` of a line that is not a JSON object with a string ``key``, or
             a file without prompts.
     """
+    return [text for _, text in read_prompt_lines(path, key)]
+
+
+def file_prompt_ids(path: str | Path, key: str, tok: Any, *, seq_length: int, add_bos: bool = True,
+                    max_prompts: int | None = None) -> tuple[list[str], list[list[int]]]:
+    """The first ``max_prompts`` prompts of a JSONL file: texts and ids (``[BOS]`` + prompt, as
+    the preprocessing tokenizes a conditioned record).
+
+    Raises:
+        ValueError: ``file:line`` of a bad line (``read_prompt_lines``) or of a prompt that leaves
+            no position of the model's ``seq_length`` to generate.
+    """
+    texts, ids = [], []
+    for line_no, text in read_prompt_lines(path, key)[:max_prompts]:
+        prompt = prefix_token_ids(tok, text, add_bos=add_bos)
+        if len(prompt) >= seq_length:
+            raise ValueError(f"{path}:{line_no}: the prompt has {len(prompt)} tokens; the model's rows hold "
+                             f"{seq_length}: nothing left to generate")
+        texts.append(text)
+        ids.append(prompt)
+    return texts, ids
+
+
+def read_prompt_lines(path: str | Path, key: str) -> list[tuple[int, str]]:
+    """``(line number, prompt text)`` of each non-blank line of a JSONL file (field ``key``).
+
+    Raises:
+        ValueError: ``file:line`` of a line that is not a JSON object with a string ``key``, or
+            a file without prompts.
+    """
     prompts = []
     for line_no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -90,7 +120,7 @@ def read_prompts(path: str | Path, key: str) -> list[str]:
             raise ValueError(f"{path}:{line_no}: malformed JSON ({err.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get(key), str):
             raise ValueError(f"{path}:{line_no}: no string field {key!r} (--prompt-key)")
-        prompts.append(record[key])
+        prompts.append((line_no, record[key]))
     if not prompts:
         raise ValueError(f"{path}: no prompt")
     return prompts
@@ -108,8 +138,8 @@ def _prompt_ids(args: argparse.Namespace, run: Any, tok: Any) -> tuple[list[str]
         ids = read_eval_prompts(run, max_prompts=args.max_prompts)
         texts = [tok.decode(p) for p in ids]
     else:
-        texts = read_prompts(args.prompts, args.prompt_key)[: args.max_prompts]
-        ids = [prefix_token_ids(tok, t, add_bos=not args.no_bos) for t in texts]
+        texts, ids = file_prompt_ids(args.prompts, args.prompt_key, tok, seq_length=run.cfg.model.seq_length,
+                                     add_bos=not args.no_bos, max_prompts=args.max_prompts)
     n = args.num_samples
     return [t for t in texts for _ in range(n)], [p for p in ids for _ in range(n)]
 

@@ -239,6 +239,67 @@ def test_hf_native_roundtrip_exact(tp1_export: tuple[Path, dict], tiny_shards: P
     assert record["step"] == 1 and record["nelbo"] > 0
 
 
+_FIRST_STEP_FROM_EXPORT = r"""
+import json, sys, torch
+from safetensors.torch import load_file
+from megatron_lomdm.apps import hf_export
+from megatron_lomdm.config import load_config
+from megatron_lomdm.config.load import replace
+from megatron_lomdm.training.build import build_run
+from megatron_lomdm.training.step import forward_backward, reduce_reports
+
+config, fresh_dir, export = sys.argv[1:4]
+cfg = replace(load_config(config), run={"dir": fresh_dir}, tracking={"enabled": False})
+run = build_run(cfg, read_only=True)  # a fresh initialisation: no checkpoint is read
+batches = [next(run.train_iter) for _ in range(run.num_microbatches)]  # the fine-tune's first batch
+
+def first_step():
+    reports = forward_backward(run.engine, iter(batches), step=0, num_microbatches=len(batches),
+                               seq_length=cfg.model.seq_length, micro_batch_size=cfg.train.micro_batch_size,
+                               device=run.device, forward_only=True)
+    out = reduce_reports(reports, run.device)
+    return {"nelbo": out.values["nelbo"], "loss": out.values["surrogate"], "num_tokens": out.num_tokens}
+
+fresh = first_step()
+full = hf_export.hf_to_native(load_file(export + "/model.safetensors"))  # the export's weights, not the checkpoint
+model = run.model
+model.load_state_dict(hf_export.slice_for_rank(model.state_dict(), full, tp_rank=0, tp=1,
+                                               layer_numbers=list(range(cfg.model.num_layers)),
+                                               vocab_size=cfg.model.vocab_size))
+exported = first_step()
+response = sum(int((b["valid"] & ~b["cond"].bool()).sum()) for b in batches)
+prompt = sum(int((b["valid"] & b["cond"].bool()).sum()) for b in batches)
+run.close()
+print(json.dumps({"fresh": fresh, "exported": exported, "response_tokens": response, "prompt_tokens": prompt}))
+"""
+
+
+def test_finetune_imported_export_on_conditioned_data(tp1_export: tuple[Path, dict], tiny_cond_shards: Path,
+                                                      tmp_path: Path, hf_home: Path) -> None:
+    """Issue 19 §1, through the CLI: export -> ``--from-hf`` import onto conditioned shards
+    (``--prompt-key``/``--response-key`` preprocessing: a ``cond`` member) -> ``python -m
+    megatron_lomdm.train``. The fine-tune's first step is the export's: its loss equals the loss of
+    the exported weights (read from model.safetensors, not the checkpoint) on the same batch and
+    noise, not that of a fresh initialisation, and its token count is the batch's response tokens
+    only (the prompt positions are excluded from the loss)."""
+    run_dir = tmp_path / "ft"
+    _run([sys.executable, "tools/convert_to_hf.py", "--from-hf", str(tp1_export[0]), "--to-run-dir", str(run_dir),
+          f"data.train={tiny_cond_shards}", "train.steps=1", "train.log_interval=1", "train.eval_interval=0"],
+         hf_home)
+    _run([sys.executable, "-m", "megatron_lomdm.train", "--config", str(run_dir / "config.yaml")], hf_home)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000001"
+    record = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert record["step"] == 1 and record["kind"] == "train"
+    out = _run([sys.executable, "-c", _FIRST_STEP_FROM_EXPORT, str(run_dir / "config.yaml"), str(tmp_path / "fresh"),
+                str(tp1_export[0])], hf_home)
+    ref = json.loads(out.stdout.strip().splitlines()[-1])
+    assert ref["prompt_tokens"] > 0 and ref["response_tokens"] > 0  # the batch is conditioned
+    assert record["num_tokens"] == ref["exported"]["num_tokens"] == ref["response_tokens"]
+    for key in ("nelbo", "loss"):
+        assert record[key] == pytest.approx(ref["exported"][key], rel=1e-6, abs=1e-9), key
+        assert record[key] != pytest.approx(ref["fresh"][key], rel=1e-3), key  # the test can tell
+
+
 def test_hf_reverse_exponents_match_native(tp1_run: Path, tp1_export: tuple[Path, dict]) -> None:
     """The export's features and reverse-head exponents equal the native DiffusionLM's."""
     from megatron_lomdm.checkpoint.hf_modeling import LoMDMForMaskedDiffusion
@@ -286,6 +347,102 @@ def test_hf_generate_matches_native_sampler(tp1_run: Path, tp1_export: tuple[Pat
             got = hf.generate(num_samples=3, steps=steps, seed=3, return_dict=True)
             assert torch.equal(got["sequences"], ref.tokens_BL), steps
             assert got["num_calls"] == ref.num_calls, steps
+
+
+_GENERATE_PROMPTED = r"""
+import json, sys, torch
+from transformers import AutoModel
+model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True, local_files_only=True).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+spec = json.loads(sys.argv[2])
+prefix = model.generate(input_ids=spec["prefixes"], num_samples=2, steps=10, seed=5, return_dict=True)
+grid = torch.tensor(spec["grid"])
+inplace = model.generate(prompt_ids=grid, given_mask=grid != spec["mask_id"], steps=10, seed=5,
+                         return_dict=True)
+print(json.dumps({"prefix": prefix["sequences"].tolist(), "prefix_given": prefix["given_mask"].tolist(),
+                  "inplace": inplace["sequences"].tolist(), "inplace_calls": inplace["num_calls"]}))
+"""
+
+
+def test_hf_generate_with_prompt_matches_native(tp1_run: Path, tp1_export: tuple[Path, dict],
+                                                tmp_path: Path, hf_home: Path) -> None:
+    """Issue 19 §1: the export's ``generate`` takes a prompt (fresh process, ``trust_remote_code``):
+    prefixes of any length (``input_ids``, each prompt ``num_samples`` times) and tokens given in
+    place (``prompt_ids`` + ``given_mask``, Sudoku's layout). Given tokens are never changed, every
+    other position gets a non-[MASK] token, and the samples equal the native ancestral sampler's for
+    the same seed, with the reverse exponents normalised over the positions to generate
+    (``given_BL``), as ``apps/generate.py`` wires it. The reverse head's output layer is scaled up
+    (in the export and the native model alike) so that this normalisation visibly matters: 4 steps
+    leave the learned order nearly flat."""
+    from megatron_lomdm.apps.generate import prompt_batch
+    from megatron_lomdm.config import load_config
+    from megatron_lomdm.sampling.ancestral import AncestralSampler
+    from megatron_lomdm.sampling.base import denoiser_from_backbone
+
+    gen = torch.Generator().manual_seed(11)
+    prefixes = [[1, *torch.randint(4, 512, (n,), generator=gen).tolist()] for n in (19, 11)]
+    given = torch.rand(2, 32, generator=gen) < 0.5  # scattered givens, as a puzzle's cells
+    grid = torch.where(given, torch.randint(4, 512, (2, 32), generator=gen), 3)
+    spec = {"prefixes": prefixes, "grid": grid.tolist(), "mask_id": 3}
+    export = Path(shutil.copytree(tp1_export[0], tmp_path / "sharp"))
+    weights = load_file(str(export / "model.safetensors"))
+    weights["reverse_head.out.3.weight"] *= 3000.0  # a sharp learned order
+    save_file(weights, str(export / "model.safetensors"), metadata={"format": "pt"})
+    out = _run([sys.executable, "-c", _GENERATE_PROMPTED, str(export), json.dumps(spec)], hf_home)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    prefix_ids, inplace = torch.tensor(res["prefix"]), torch.tensor(res["inplace"])
+    rows = [p for p in prefixes for _ in range(2)]  # num_samples=2 per prompt, consecutive
+    prompt_BL, fixed_BL = prompt_batch(rows, 32, 3)
+    assert prefix_ids.shape == (4, 32) and torch.equal(torch.tensor(res["prefix_given"]), fixed_BL)
+    assert torch.equal(prefix_ids[fixed_BL], prompt_BL[fixed_BL])  # prompts unchanged
+    assert torch.equal(inplace[given], grid[given])
+    for ids in (prefix_ids, inplace):
+        assert not bool((ids == 3).any()) and bool((ids >= 0).all() and (ids < 512).all())
+
+    cfg = load_config(tp1_run / "config.yaml")
+    full = hf_export.load_native_checkpoint(tp1_run).state_dict
+    full["rev_head.out.3.weight"] = full["rev_head.out.3.weight"] * 3000.0
+    with hf_export.native_session(cfg.train.seed):
+        model = hf_export.build_native_tp1(cfg, full)
+        sampler = AncestralSampler(mask_id=3, num_steps=10, family=model.family)
+
+        def native(prompt: torch.Tensor, fixed: torch.Tensor, given_BL: torch.Tensor | None):
+            denoise = denoiser_from_backbone(lambda z: model.backbone(z), family=model.family,
+                                             rev_head=model.rev_head, given_BL=given_BL)
+            return sampler.sample(denoise, prompt_BL=prompt, fixed_BL=fixed,
+                                  generator=torch.Generator().manual_seed(5))
+
+        assert torch.equal(prefix_ids, native(prompt_BL, fixed_BL, fixed_BL).tokens_BL)
+        # the test can tell: normalising over every position (no given_BL) samples differently
+        assert not torch.equal(prefix_ids, native(prompt_BL, fixed_BL, None).tokens_BL)
+        ref = native(grid, given, given)
+        assert torch.equal(inplace, ref.tokens_BL) and res["inplace_calls"] == ref.num_calls
+
+
+def test_hf_generate_rejects_bad_prompts() -> None:
+    """``generate``'s prompt arguments are checked before sampling (a fresh tiny model, no run)."""
+    from megatron_lomdm.checkpoint.hf_modeling import LoMDMConfig, LoMDMForMaskedDiffusion
+
+    cfg = LoMDMConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                      max_position_embeddings=8, family="lomdm", c1=0.7, c2=0.5, mask_id=3)
+    model = LoMDMForMaskedDiffusion(cfg).eval()
+    grid = torch.tensor([[5, 3, 7, 3, 3, 9, 3, 3]])
+    for kwargs, message in [
+        ({"input_ids": [[1] * 8]}, "prompt 0 has 8 tokens"),
+        ({"input_ids": [[1, 2]], "prompt_ids": grid}, "not both"),
+        ({"input_ids": [[1, 3]]}, r"\[MASK\] or outside the vocabulary"),
+        ({"input_ids": [[1, 40]]}, "outside the vocabulary"),
+        ({"prompt_ids": grid, "given_mask": grid == 3}, r"\[MASK\]"),
+        ({"prompt_ids": grid, "given_mask": torch.ones(1, 7, dtype=torch.bool)}, "given_mask has shape"),
+        ({"given_mask": grid != 3}, "given_mask needs prompt_ids"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            model.generate(steps=2, seed=0, **kwargs)
+    out = model.generate(input_ids=[[1, 2, 4], [5]], num_samples=3, steps=4, seed=0, return_dict=True)
+    assert out["sequences"].shape == (6, 8) and out["given_mask"].sum(1).tolist() == [3, 3, 3, 1, 1, 1]
+    assert out["sequences"][:3, :3].eq(torch.tensor([1, 2, 4])).all() and out["sequences"][3:, 0].eq(5).all()
+    kept = model.generate(prompt_ids=grid, steps=4, seed=0)  # given_mask defaults to the non-[MASK] cells
+    assert kept[grid != 3].tolist() == [5, 7, 9] and not bool((kept == 3).any())
 
 
 @pytest.mark.parametrize("family", ["genmd4", "bd3lm", "multivariate"])

@@ -32,6 +32,9 @@ on the grid linspace(1, 0, T + 1): a masked position unmasks from t to s with pr
 1 - (s/t)^{e_R} (the family's reverse schedule for context-free families), draws its token from
 SUBS x_theta, every remaining mask is filled at s = 0, one backbone call per step (skipped when
 nothing changed since the last call), and all sampling laws and categorical draws are fp64.
+Given a prompt (``input_ids`` as a prefix, or ``prompt_ids`` + ``given_mask`` in place) it never
+changes the given tokens and normalises e_R over the positions to generate only (the scheduler
+head's centring and NormSig), as training and the native samplers do for conditioned data.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_lomdm import LoMDMConfig
-from .oemdm_math import FAMILIES, AncestralSampler, DiffusionFamily, build_family, denoiser_from_backbone
+from .oemdm_math import (FAMILIES, AncestralSampler, DiffusionFamily, build_family, center_logits,
+                         denoiser_from_backbone)
 
 _MASKED_SCORE = -10000.0  # megatron's attention_mask_func fill value
 # The family's parameter names -> the export's weight names (kept stable across exports).
@@ -221,8 +225,11 @@ class LoMDMSchedulerHead(nn.Module):
                                  nn.Linear(D, 1))
         self.center = bool(getattr(config, "head_center_logits", False))
 
-    def forward(self, features_BLD: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, features_BLD: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                free_BL: torch.Tensor | None = None) -> torch.Tensor:
+        """Scheduler logits [B, L]; with ``center``, minus their mean over ``free_BL`` (the
+        positions to generate, when a prompt is given) or else over ``attention_mask``'s valid
+        positions, as in training (the package's ``center_logits``)."""
         x_BLD = features_BLD.to(self.norm_attn.weight.dtype)
         keep_B11L = None
         if attention_mask is not None:
@@ -232,9 +239,8 @@ class LoMDMSchedulerHead(nn.Module):
         logits_BL = self.out(x_BLD).squeeze(-1).float()
         if not self.center:
             return logits_BL
-        w_BL = torch.ones_like(logits_BL) if attention_mask is None else attention_mask.to(logits_BL.dtype)
-        mean_B1 = (logits_BL * w_BL).sum(-1, keepdim=True) / w_BL.sum(-1, keepdim=True).clamp_min(1.0)
-        return logits_BL - mean_B1  # centred over the valid positions, as in training
+        center_BL = free_BL if free_BL is not None else attention_mask
+        return center_logits(logits_BL, None if center_BL is None else center_BL.bool())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,41 +389,102 @@ class LoMDMForMaskedDiffusion(LoMDMPreTrainedModel):
         return self.family(input_ids.shape[1]).exponents(fwd_logits_BL, valid_BL)
 
     # ---- sampling -----------------------------------------------------------------------------
+    def _prompt(self, input_ids: torch.Tensor | list[list[int]] | None, prompt_ids: torch.Tensor | None,
+                given_mask: torch.Tensor | None, num_samples: int, L: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The sampler's initial tokens and given positions ([B, L] each, B = prompts x
+        ``num_samples``), or None for unconditional generation.
+
+        ``input_ids``: prompts placed at positions 0..P-1 (a [B, P] tensor, or a list of id lists
+        of any lengths < L); ``prompt_ids``: [B, L] tokens given in place where ``given_mask`` is
+        True (default: where they are not [MASK]).
+        """
+        mask_id, V = self.config.mask_id, self.config.vocab_size
+        if input_ids is not None and prompt_ids is not None:
+            raise ValueError("give input_ids (prefix prompts) or prompt_ids (in place), not both")
+        if input_ids is None and prompt_ids is None:
+            if given_mask is not None:
+                raise ValueError("given_mask needs prompt_ids (the tokens to keep)")
+            return None
+        if input_ids is not None:
+            if given_mask is not None:
+                raise ValueError("given_mask goes with prompt_ids; input_ids are given at 0..P-1")
+            rows = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else [list(r) for r in input_ids]
+            if isinstance(input_ids, torch.Tensor) and input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [B, P], got shape {tuple(input_ids.shape)}")
+            if not rows:
+                raise ValueError("input_ids holds no prompt")
+            prompt_BL = torch.full((len(rows), L), mask_id, dtype=torch.long)
+            given_BL = torch.zeros(len(rows), L, dtype=torch.bool)
+            for b, ids in enumerate(rows):
+                if len(ids) >= L:
+                    raise ValueError(f"prompt {b} has {len(ids)} tokens; the model generates {L}: "
+                                     "nothing left to generate")
+                prompt_BL[b, : len(ids)] = torch.tensor([int(i) for i in ids], dtype=torch.long)
+                given_BL[b, : len(ids)] = True
+        else:
+            if prompt_ids.dim() != 2:
+                raise ValueError(f"prompt_ids must be [B, L], got shape {tuple(prompt_ids.shape)}")
+            prompt_BL = prompt_ids.detach().to("cpu", torch.long)
+            given_BL = prompt_BL != mask_id if given_mask is None else given_mask.detach().to("cpu", torch.bool)
+            if given_BL.shape != prompt_BL.shape:
+                raise ValueError(f"given_mask has shape {tuple(given_BL.shape)}, prompt_ids "
+                                 f"{tuple(prompt_BL.shape)}")
+        given = prompt_BL[given_BL]
+        if bool(((given < 0) | (given >= V) | (given == mask_id)).any()):
+            raise ValueError(f"a given token is [MASK] or outside the vocabulary [0, {V})")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        return (prompt_BL.repeat_interleave(num_samples, 0).to(self.device),
+                given_BL.repeat_interleave(num_samples, 0).to(self.device))
+
     @torch.no_grad()
     def generate(self, num_samples: int = 1, steps: int | None = None, seed: int | None = None,
                  temperature: float = 1.0, top_p: float = 1.0, seq_length: int | None = None,
                  prompt_ids: torch.Tensor | None = None, use_cache: bool = True,
-                 return_dict: bool = False) -> torch.LongTensor | dict:
-        """Unconditional (or infilling) generation with the project's OeMDM ancestral sampler.
+                 return_dict: bool = False, *, input_ids: torch.Tensor | list[list[int]] | None = None,
+                 given_mask: torch.Tensor | None = None) -> torch.LongTensor | dict:
+        """Unconditional or conditioned generation with the project's OeMDM ancestral sampler.
+
+        Conditioning (a prompt): the given tokens are never changed; the other positions are
+        sampled with the native samplers' rules, the learned reverse exponents normalised over the
+        positions to generate only (as training does for conditioned data, method.md §5.9).
 
         Args:
-            num_samples: B (ignored with ``prompt_ids``).
+            num_samples: B; with a prompt, the samples per prompt (consecutive rows).
             steps: T grid steps on linspace(1, 0, T + 1); default L.
             seed: seeds a private ``torch.Generator`` (None: the global RNG).
             temperature: softmax temperature of the token draws, > 0.
             top_p: nucleus mass in (0, 1].
-            seq_length: L; default ``config.max_position_embeddings``.
-            prompt_ids: [B, L] tokens; positions != [MASK] are kept, the others generated.
+            seq_length: L; default ``config.max_position_embeddings`` (or ``prompt_ids``'s).
+            prompt_ids: [B, L] tokens given in place (infilling, e.g. a Sudoku's givens): the
+                positions where ``given_mask`` is True are kept, the others generated.
             use_cache: skip the backbone call when no token changed since the last one.
             return_dict: also return the number of backbone calls and executed steps.
+            input_ids: prefix prompts: a [B, P] tensor or a list of id lists (any lengths < L),
+                given at positions 0..P-1 of each row (the layout of the project's conditioned
+                data: ``[BOS] prompt`` then the response).
+            given_mask: bool [B, L] with ``prompt_ids``; default ``prompt_ids != mask_id``.
 
         Returns:
             Token ids [B, L] with no [MASK] left (ids < ``config.vocab_size``), or a dict with
-            ``sequences``, ``num_calls`` and ``num_steps``.
+            ``sequences``, ``num_calls``, ``num_steps`` and ``given_mask``.
         """
-        if prompt_ids is not None and prompt_ids.dim() != 2:
-            raise ValueError(f"prompt_ids must be [B, L], got shape {tuple(prompt_ids.shape)}")
-        L = prompt_ids.shape[1] if prompt_ids is not None else seq_length or self.config.max_position_embeddings
+        L = prompt_ids.shape[-1] if prompt_ids is not None else seq_length or self.config.max_position_embeddings
+        prompt = self._prompt(input_ids, prompt_ids, given_mask, num_samples, L)
+        prompt_BL, given_BL = prompt if prompt is not None else (None, None)
         family = self.family(L)
         denoise = denoiser_from_backbone(lambda z_BL: self._pass(z_BL)[:2], family=family,
-                                         rev_head=self.reverse_head)
+                                         rev_head=self.reverse_head, given_BL=given_BL)
         sampler = AncestralSampler(mask_id=self.config.mask_id, num_steps=steps or L, family=family,
                                    temperature=temperature, top_p=top_p, use_cache=use_cache)
         generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
-        prompt_BL = None if prompt_ids is None else prompt_ids.to(device=self.device, dtype=torch.long)
-        res = sampler.sample(denoise, batch_size=None if prompt_BL is not None else num_samples,
-                             seq_length=None if prompt_BL is not None else L, prompt_BL=prompt_BL,
-                             generator=generator, device=self.device)
+        if prompt_BL is None:
+            res = sampler.sample(denoise, batch_size=num_samples, seq_length=L, generator=generator,
+                                 device=self.device)
+        else:
+            res = sampler.sample(denoise, prompt_BL=prompt_BL, fixed_BL=given_BL, generator=generator)
         if return_dict:
-            return {"sequences": res.tokens_BL, "num_calls": res.num_calls, "num_steps": res.num_steps}
+            given_BL = torch.zeros_like(res.tokens_BL, dtype=torch.bool) if given_BL is None else given_BL
+            return {"sequences": res.tokens_BL, "num_calls": res.num_calls, "num_steps": res.num_steps,
+                    "given_mask": given_BL}
         return res.tokens_BL
