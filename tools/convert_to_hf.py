@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the export or the import; prints one JSON line describing the result."""
     args = parse_args(argv)
+    from megatron_lomdm.utils.proc import quick_exit_gc
+
+    quick_exit_gc()
     from megatron_lomdm.apps.hf_export import ExportVerificationError, export_run, import_hf
 
     try:
