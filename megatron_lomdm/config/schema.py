@@ -17,6 +17,11 @@ from megatron_lomdm.config.families import FAMILY_SPECS
 
 TIME_SAMPLERS = ("low_discrepancy", "ppots")
 INIT_DEVICES = ("auto", "cpu", "cuda", "meta")
+META_INIT_UNSUPPORTED = (
+    "meta is not supported: megatron-core builds on the meta device (TransformerConfig."
+    "init_model_with_meta_device) only in Transformer Engine layers under megatron FSDP, which "
+    "materialises them; this code's layers and mcore DDP allocate at construction. Use auto "
+    "(on the GPU when there is one: no host copy of the model)")
 
 
 def _fail(key: str, msg: str) -> None:
@@ -73,12 +78,13 @@ class ModelConfig:
     recompute: str = "none"
     """Activation recompute: none, selective or full."""
     init_device: str = "auto"
-    """Where the weights are first materialised. auto: on the GPU when CUDA is available (each rank
-    draws only its own TP slice there), else on the CPU; cpu: drawn in full on the host and sliced
-    (layout-independent init, bit-identical for every TP x PP layout; a GPU run then moves the model
-    over); cuda: on the GPU (refused without CUDA); meta: built on the meta device (no memory),
-    then materialised on the run's device by the same layout-independent init as cpu, one
-    component at a time."""
+    """Where the weights are first drawn. auto: on the GPU when CUDA is available, else on the CPU;
+    cpu: on the host, each TP-split weight drawn whole and sliced (layout-independent: the same model
+    for every TP x PP layout, then moved to the GPU if there is one; costs host memory and time at
+    billions of parameters); cuda: on the GPU, each rank drawing only its own slice (megatron's
+    use_cpu_initialization=False; values depend on the TP layout; refused without CUDA). meta is
+    refused: megatron-core builds on the meta device only in Transformer Engine layers under
+    megatron FSDP, not with this code's layers and DDP."""
 
     def __post_init__(self) -> None:
         for key in ("num_layers", "hidden_size", "num_heads"):
@@ -98,6 +104,8 @@ class ModelConfig:
             _fail("model.head_num_heads", f"{self.head_num_heads} does not divide {self.hidden_size}")
         if self.init_device not in INIT_DEVICES:
             _fail("model.init_device", f"must be one of {', '.join(INIT_DEVICES)}, got {self.init_device!r}")
+        if self.init_device == "meta":
+            _fail("model.init_device", META_INIT_UNSUPPORTED)
 
     @property
     def ffn_size(self) -> int:

@@ -30,6 +30,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_lomdm.config.schema import META_INIT_UNSUPPORTED
 from megatron_lomdm.models.layer_specs import (
     AttentionBackend,
     component_seed,
@@ -165,11 +166,7 @@ def use_cpu_initialization(init_device: str, *, cuda_available: bool | None = No
     """
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
     if init_device == "meta":
-        raise ValueError(
-            "model.init_device=meta is not supported: megatron-core 0.16.1 builds on the meta device "
-            "(TransformerConfig.init_model_with_meta_device) only in Transformer Engine layers under "
-            "megatron FSDP, which materialises them; the local/SDPA layers and mcore DDP used here "
-            "allocate at construction. Use model.init_device=auto (the GPU when there is one)")
+        raise ValueError(f"model.init_device: {META_INIT_UNSUPPORTED}")
     if init_device == "cuda" and not cuda:
         raise ValueError("model.init_device=cuda needs a CUDA device and this process has none; "
                          "use model.init_device=auto or cpu")
