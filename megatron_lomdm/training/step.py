@@ -145,14 +145,15 @@ def _iterators(batches: list[dict], chunks: list[torch.nn.Module]):
     return [iter(enumerate(batches)) for _ in chunks]
 
 
-def phase_one(chunks: list[torch.nn.Module], batches: list[dict], *, seq_length: int, micro_batch_size: int,
-              device: torch.device) -> list[torch.Tensor]:
+def phase_one(model: torch.nn.Module | list[torch.nn.Module], batches: list[dict], *, seq_length: int,
+              micro_batch_size: int, device: torch.device) -> list[torch.Tensor]:
     """Forward-head logits of every micro-batch, on every pipeline stage.
 
-    The clean pass is pipelined like any forward-only pass (through every model chunk when
-    interleaved). On the last stage the logits keep their graph to phi; their values are broadcast
-    to the other stages, which draw the masks.
+    The clean pass is pipelined like any forward-only pass (`model`: the model, or the rank's list
+    of chunks when interleaved). On the last stage the logits keep their graph to phi; their values
+    are broadcast to the other stages, which draw the masks.
     """
+    chunks = model if isinstance(model, list) else [model]
     store: dict[int, torch.Tensor] = {}
     with torch.no_grad():  # stop-grad: f(x) of the clean sequence (method.md §3.1)
         get_forward_backward_func()(
