@@ -149,6 +149,11 @@ def eval_artifacts(run: Any, valid: dict[str, float]) -> None:
             log.info("no evaluation artifacts under DeepSpeed ZeRO-3: sampling runs the model outside the engine, "
                      "whose parameters ZeRO-3 partitions")
         return
+    if cfg.parallel.virtual_stages > 1:
+        if run.info.rank == 0 and step == cfg.train.eval_interval:
+            log.info("no evaluation artifacts with parallel.virtual_stages > 1: sampling runs one model per "
+                     "pipeline stage (open the run with tools/sample.py, which reads it without interleaving)")
+        return
     n, steps = cfg.tracking.artifact_samples, cfg.tracking.artifact_steps or cfg.model.seq_length
     seed = cfg.train.seed + step
     opts = sampler_options(SAMPLER, mask_id=cfg.model.mask_id, family=run.model.family, steps=steps)

@@ -944,7 +944,8 @@ def build_native_tp1(cfg: Any, full: Mapping[str, torch.Tensor] | None) -> Any:
     from megatron_lomdm.distributed.init import parallel_info
     from megatron_lomdm.training.build import build_model
 
-    cfg1 = replace(cfg, parallel={"tp": 1, "pp": 1, "zero": 0, "backend": "megatron"},
+    cfg1 = replace(cfg, parallel={"tp": 1, "pp": 1, "zero": 0, "backend": "megatron", "virtual_stages": 1,
+                                  "sequence_parallel": False},
                    train={"precision": "fp32"}, model={"recompute": "none"})
     model = build_model(cfg1, parallel_info())
     if full is None:

@@ -495,16 +495,16 @@ class LayoutPlan:
 
 
 def unsupported(m: ModelPlan, lay: Layout) -> str:
-    """Why this code cannot run ``lay`` today ("" if it can): wrap.py / deepspeed_engine.py rules and
-    the features issue 21 §3 adds."""
+    """Why this code cannot run ``lay`` today ("" if it can): the config's and deepspeed_engine.py's
+    rules (``config.schema.ParallelConfig``)."""
     if lay.backend == "deepspeed" and lay.pp > 1:
         return "deepspeed needs pp=1"
     if lay.backend == "deepspeed" and lay.zero == 3 and m.ema:
         return "zero-3 needs optim.ema_decay=0"
-    if lay.sp:
-        return "sequence parallel not wired (issue 21 §3)"
-    if lay.vp > 1:
-        return "interleaved pipeline not wired (issue 21 §3)"
+    if lay.sp and lay.backend != "megatron":
+        return "sequence parallel needs the megatron backend"
+    if lay.vp > 1 and lay.backend != "megatron":
+        return "virtual stages need the megatron backend"
     return ""
 
 
@@ -567,7 +567,7 @@ def shipped_layout(cfg: Config, cluster: Cluster) -> Layout:
     """The layout the config itself asks for on ``cluster``."""
     par = cfg.parallel
     return Layout(tp=par.tp, pp=par.pp, dp=cluster.world // (par.tp * par.pp), backend=par.backend, zero=par.zero,
-                  vp=getattr(par, "virtual_stages", 1) or 1, sp=bool(getattr(par, "sequence_parallel", False)),
+                  vp=par.virtual_stages, sp=par.sequence_parallel,
                   micro_batch_size=cfg.train.micro_batch_size, recompute=cfg.model.recompute)
 
 

@@ -94,6 +94,8 @@ def open_run(run_dir: str | Path, *, checkpoint: int | None = None, overrides: S
         run_dir: the training run directory.
         checkpoint: checkpoint step; None = ``checkpoints/latest``.
         overrides: dotted config overrides, e.g. ``parallel.tp=2`` or ``data.train=/new/place``.
+            Interleaved runs open with ``parallel.virtual_stages=1`` unless the overrides set it
+            (samplers and exporters expect one model per pipeline stage).
 
     Returns:
         The ``training.build.Run``; ``run.state.step`` is the checkpoint's step.
@@ -106,6 +108,10 @@ def open_run(run_dir: str | Path, *, checkpoint: int | None = None, overrides: S
 
     cfg = load_run_config(run_dir, overrides)
     cfg = replace(cfg, tracking={"enabled": False})
+    if cfg.parallel.virtual_stages > 1 and not any(o.split("=", 1)[0].strip() == "parallel.virtual_stages"
+                                                   for o in overrides):
+        # inference runs one model per pipeline stage; the checkpoint reshards to it
+        cfg = replace(cfg, parallel={"virtual_stages": 1})
     step = resolve_checkpoint(run_dir, checkpoint)
     check_trained_family(load_run_config(run_dir), cfg, Path(run_dir) / "checkpoints" / f"step_{step:07d}")
     run = build_run(cfg, read_only=True)

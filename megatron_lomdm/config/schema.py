@@ -16,6 +16,12 @@ from dataclasses import dataclass, field
 from megatron_lomdm.config.families import FAMILY_SPECS
 
 TIME_SAMPLERS = ("low_discrepancy", "ppots")
+INIT_DEVICES = ("auto", "cpu", "cuda", "meta")
+META_INIT_UNSUPPORTED = (
+    "meta is not supported: megatron-core builds on the meta device (TransformerConfig."
+    "init_model_with_meta_device) only in Transformer Engine layers under megatron FSDP, which "
+    "materialises them; this code's layers and mcore DDP allocate at construction. Use auto "
+    "(on the GPU when there is one: no host copy of the model)")
 
 
 def _fail(key: str, msg: str) -> None:
@@ -71,6 +77,14 @@ class ModelConfig:
     carries the training dropout noise (model.dropout)."""
     recompute: str = "none"
     """Activation recompute: none, selective or full."""
+    init_device: str = "auto"
+    """Where the weights are first drawn. auto: on the GPU when CUDA is available, else on the CPU;
+    cpu: on the host, each TP-split weight drawn whole and sliced (layout-independent: the same model
+    for every TP x PP layout, then moved to the GPU if there is one; costs host memory and time at
+    billions of parameters); cuda: on the GPU, each rank drawing only its own slice (megatron's
+    use_cpu_initialization=False; values depend on the TP layout; refused without CUDA). meta is
+    refused: megatron-core builds on the meta device only in Transformer Engine layers under
+    megatron FSDP, not with this code's layers and DDP."""
 
     def __post_init__(self) -> None:
         for key in ("num_layers", "hidden_size", "num_heads"):
@@ -88,6 +102,10 @@ class ModelConfig:
             _fail("model.recompute", f"must be none, selective or full, got {self.recompute!r}")
         if self.head_num_heads and self.hidden_size % self.head_num_heads:
             _fail("model.head_num_heads", f"{self.head_num_heads} does not divide {self.hidden_size}")
+        if self.init_device not in INIT_DEVICES:
+            _fail("model.init_device", f"must be one of {', '.join(INIT_DEVICES)}, got {self.init_device!r}")
+        if self.init_device == "meta":
+            _fail("model.init_device", META_INIT_UNSUPPORTED)
 
     @property
     def ffn_size(self) -> int:
@@ -326,6 +344,15 @@ class ParallelConfig:
     """Overlap the data-parallel gradient reduce with the backward pass (megatron backend)."""
     cpu_offload: bool = False
     """Offload optimizer state to CPU (deepspeed, zero >= 2)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism: LayerNorms, dropout and residuals run on 1/tp of the sequence
+    (the activations between TP regions shrink by tp). Needs parallel.tp > 1, the megatron backend
+    and model.seq_length divisible by tp. The scheduler heads and the loss see the whole sequence."""
+    virtual_stages: int = 1
+    """Interleaved pipeline: model chunks per pipeline rank (megatron's
+    virtual_pipeline_model_parallel_size); 1 = the plain 1F1B schedule. Needs parallel.pp > 1, the
+    megatron backend, model.num_layers divisible by pp x virtual_stages and micro-batches per step
+    (global batch / (micro batch x DP)) a multiple of pp. Cuts the bubble by this factor."""
 
     def __post_init__(self) -> None:
         if self.tp < 1 or self.pp < 1:
@@ -340,6 +367,19 @@ class ParallelConfig:
             _fail("parallel.pp", f"pipeline parallel with DeepSpeed ZeRO-{self.zero} is not supported (use zero <= 1)")
         if self.cpu_offload and not (self.backend == "deepspeed" and self.zero >= 2):
             _fail("parallel.cpu_offload", "needs parallel.backend=deepspeed and parallel.zero >= 2")
+        if self.sequence_parallel and self.tp == 1:
+            _fail("parallel.sequence_parallel", "needs parallel.tp > 1 (it splits the sequence over the TP ranks)")
+        if self.sequence_parallel and self.backend != "megatron":
+            _fail("parallel.sequence_parallel", "is wired for parallel.backend=megatron only (its gradient "
+                  "all-reduce of the sequence-split LayerNorms is megatron's finalize_model_grads)")
+        if self.virtual_stages < 1:
+            _fail("parallel.virtual_stages", f"must be >= 1, got {self.virtual_stages}")
+        if self.virtual_stages > 1 and self.pp == 1:
+            _fail("parallel.virtual_stages", f"{self.virtual_stages} needs parallel.pp > 1 (interleaving splits "
+                  "each pipeline rank's layers into chunks)")
+        if self.virtual_stages > 1 and self.backend != "megatron":
+            _fail("parallel.virtual_stages", "interleaved pipeline stages need parallel.backend=megatron "
+                  "(megatron-core's interleaved schedule)")
 
 
 @dataclass(kw_only=True)
@@ -406,6 +446,13 @@ class Config:
             _fail("parallel.tp", f"{self.parallel.tp} does not divide model.num_heads={self.model.num_heads}")
         if self.parallel.pp > 1 and self.model.num_layers % self.parallel.pp:
             _fail("parallel.pp", f"{self.parallel.pp} does not divide model.num_layers={self.model.num_layers}")
+        chunks = self.parallel.pp * self.parallel.virtual_stages
+        if self.parallel.virtual_stages > 1 and self.model.num_layers % chunks:
+            _fail("parallel.virtual_stages", f"parallel.pp x parallel.virtual_stages = {self.parallel.pp} x "
+                  f"{self.parallel.virtual_stages} = {chunks} does not divide model.num_layers={self.model.num_layers}")
+        if self.parallel.sequence_parallel and self.model.seq_length % self.parallel.tp:
+            _fail("parallel.sequence_parallel", f"model.seq_length={self.model.seq_length} is not divisible by "
+                  f"parallel.tp={self.parallel.tp}")
         d = self.diffusion
         if d.order_logits and self.model.seq_length and len(d.order_logits) != self.model.seq_length:
             _fail("diffusion.order_logits",
@@ -434,6 +481,13 @@ def validate_for_world(cfg: Config, world_size: int) -> int:
             "train.global_batch_size",
             f"{cfg.train.global_batch_size} is not a multiple of train.micro_batch_size x DP = "
             f"{cfg.train.micro_batch_size} x {dp} = {per_step}",
+        )
+    micro_batches = cfg.train.global_batch_size // per_step
+    if cfg.parallel.virtual_stages > 1 and micro_batches % cfg.parallel.pp:
+        _fail(
+            "parallel.virtual_stages",
+            f"megatron's interleaved schedule needs the micro-batches per step ({micro_batches} = "
+            f"train.global_batch_size / (micro batch x DP)) to be a multiple of parallel.pp={cfg.parallel.pp}",
         )
     return dp
 

@@ -23,6 +23,10 @@ Which features need which shims (megatron-core 0.16.1):
     * forward/backward schedules (even PP=1), mcore DDP, ChainedOptimizer: 1 + 2 + 3 (+ 4).
     * DistributedOptimizer, dist-checkpointing: 1 + 2 + 3 + 4.
 
+Sequence parallelism needs no further shim: megatron's sequence-parallel linears and mappings call
+``all_gather_into_tensor`` and ``reduce_scatter_tensor``, which gloo implements in torch 2.13 (the
+TP2 + SP parity test runs on it as is).
+
 ``install_cpu_shims`` returns a handle whose ``uninstall()`` restores everything, so an in-process
 test can leave the interpreter as it found it.
 """

@@ -248,6 +248,7 @@ class DeepSpeedEngine:
         self.ds, _, _, _ = deepspeed.initialize(model=step_module, optimizer=optimizer, config=config,
                                                 mpu=self._mpu, dist_init_required=False)
         self.module = self.ds
+        self.model_chunks = [self.module]
         self._backwards = 0  # micro-batches backpropagated in this step so far
         self._pending = False  # backpropagated gradients that no step() consumed yet
         self._updated = False  # an update has been applied (the first step is over)

@@ -12,6 +12,7 @@ Supported layouts (anything else raises ValueError before work starts):
 |----------|------|----|----|--------------------------------------------------------------|
 | megatron | 0    | ✓  | ✓  | mcore DDP (fp32 grad buffers, optional overlap) + Adam        |
 | megatron | 1    | ✓  | ✓  | + DistributedOptimizer (optimizer state sharded over DP)      |
+| megatron | 0-1  | +SP| +VP| sequence parallelism (TP > 1), interleaved stages (PP > 1)    |
 | deepspeed| 0-3  | ✓  | 1  | DeepSpeed engine, megatron TP through an mpu adapter          |
 """
 
@@ -30,12 +31,14 @@ class Engine(Protocol):
     """What the step and the loop need from a data-parallel backend.
 
     `pipeline_schedule`: True when megatron-core's schedule runs each micro-batch's forward and
-    backward on `module` (its DDP hooks reduce the gradients); False when the step calls `module`
-    per micro-batch and hands the loss to `backward`.
+    backward on `model_chunks` (their DDP hooks reduce the gradients): `[module]`, or one module
+    per virtual pipeline stage; False when the step calls `module` per micro-batch and hands the
+    loss to `backward`.
     """
 
     module: nn.Module
     pipeline_schedule: bool
+    model_chunks: list[nn.Module]
 
     def backward(self, loss_sum: torch.Tensor, *, global_tokens: int, last: bool) -> None:
         """Backpropagate one micro-batch's token-sum loss (engines without `pipeline_schedule`)."""

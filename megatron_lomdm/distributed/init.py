@@ -164,13 +164,15 @@ def _init_process_group(env: LaunchEnv, backend: str, timeout: datetime.timedelt
         )
 
 
-def _init_model_parallel(tp: int, pp: int, timeout_minutes: int) -> None:
+def _init_model_parallel(tp: int, pp: int, timeout_minutes: int, vp: int = 1) -> None:
     from megatron.core import parallel_state as ps
 
+    virtual = vp if vp > 1 else None
     if ps.model_parallel_is_initialized():
         same = (
             ps.get_tensor_model_parallel_world_size() == tp
             and ps.get_pipeline_model_parallel_world_size() == pp
+            and ps.get_virtual_pipeline_model_parallel_world_size() == virtual
         )
         if same:
             return
@@ -179,6 +181,7 @@ def _init_model_parallel(tp: int, pp: int, timeout_minutes: int) -> None:
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=virtual,
         distributed_timeout_minutes=timeout_minutes,
     )
 
@@ -207,6 +210,7 @@ def init_distributed(
     *,
     tp: int,
     pp: int,
+    vp: int = 1,
     backend: str | None = None,
     seed: int,
     before_rng_seed: Callable[[], None] | None = None,
@@ -221,6 +225,7 @@ def init_distributed(
     Args:
         tp: tensor-parallel size (``parallel.tp``).
         pp: pipeline-parallel size (``parallel.pp``).
+        vp: model chunks per pipeline rank (``parallel.virtual_stages``; 1: no interleaving).
         backend: torch.distributed backend; defaults to nccl on CUDA, gloo otherwise.
         seed: the run's seed (see the module docstring for what each RNG gets).
         before_rng_seed: hook run after the model-parallel groups exist and before megatron's RNG
@@ -241,7 +246,7 @@ def init_distributed(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     _init_process_group(env, backend, datetime.timedelta(minutes=timeout_minutes))
-    _init_model_parallel(tp, pp, timeout_minutes)
+    _init_model_parallel(tp, pp, timeout_minutes, vp)
     seed_rngs(seed, before_rng_seed=before_rng_seed)
     info = parallel_info(local_rank=env.local_rank, backend=backend)
     logger.info(

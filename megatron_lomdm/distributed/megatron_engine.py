@@ -28,6 +28,10 @@ class MegatronEngine:
     over TP, so megatron counts them once in the gradient norm, and DDP averages them over DP only.
     Parameters exempt from weight decay (`decays`) get wd_mult = 0, which `set_lr` applies (megatron's
     OptimizerParamScheduler, which would, is not used).
+
+    Interleaved pipeline stages (`ModelChunks`, an `nn.ModuleList` of the rank's chunks): one DDP per
+    chunk (bucketing only for the first, as Megatron-LM does), one optimizer over all of them;
+    `model_chunks` is what megatron's schedule takes, `module` the first chunk's DDP.
     """
 
     pipeline_schedule = True  # megatron-core's schedule runs forward and backward on `module`
@@ -45,10 +49,15 @@ class MegatronEngine:
             grad_reduce_in_fp32=True, overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
             use_distributed_optimizer=distributed_optimizer, check_for_nan_in_grad=False,
         )
-        self.module = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
-        config.no_sync_func = self.module.no_sync
+        self.model = model  # unwrapped: its (sharded) state dicts are the checkpoint's
+        chunks = list(model) if isinstance(model, nn.ModuleList) else [model]
+        self.model_chunks = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
+                                                     disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
+        self.module = self.model_chunks[0]
+        single = len(self.model_chunks) == 1
+        config.no_sync_func = self.module.no_sync if single else [c.no_sync for c in self.model_chunks]
         if cfg.parallel.overlap_grad_reduce:
-            config.grad_sync_func = self.module.start_grad_sync
+            config.grad_sync_func = self.module.start_grad_sync if single else [c.start_grad_sync for c in self.model_chunks]
         config.finalize_model_grads_func = finalize_model_grads
         bf16 = cfg.train.precision == "bf16"
         opt_config = OptimizerConfig(
@@ -64,7 +73,7 @@ class MegatronEngine:
         if cfg.optim.head_lr:
             # lr_mult (not max_lr): megatron matches checkpointed param groups by (wd_mult, lr_mult, ...)
             overrides[heads] = ParamGroupOverride(lr_mult=cfg.optim.head_lr / cfg.train.lr)
-        self.optimizer = get_megatron_optimizer(opt_config, [self.module], config_overrides=overrides)
+        self.optimizer = get_megatron_optimizer(opt_config, self.model_chunks, config_overrides=overrides)
         self.weight_decay = cfg.optim.weight_decay
         self.set_lr(1.0)  # per-group lr and weight decay from their multipliers
 
@@ -72,7 +81,8 @@ class MegatronEngine:
         raise NotImplementedError("the megatron backend backpropagates inside megatron-core's schedule")
 
     def zero_grad(self) -> None:
-        self.module.zero_grad_buffer()
+        for chunk in self.model_chunks:
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
 
     def set_lr(self, multiplier: float) -> float:
@@ -109,7 +119,7 @@ class MegatronEngine:
                     n += t.numel() * t.element_size()
             return n
 
-        params = list(self.module.module.parameters())
+        params = list(self.model.parameters())
         out = {"params": total(params), "grads": total(getattr(p, "main_grad", None) for p in params)}
         inner = [o.optimizer for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
         opt_tensors = [p for o in inner for g in o.param_groups for p in g["params"]]
@@ -123,7 +133,7 @@ class MegatronEngine:
         return any(len(o.state) for o in inner)
 
     def _sharded(self, is_loading: bool, with_optimizer: bool) -> dict[str, Any]:
-        model_sd = self.module.module.sharded_state_dict(metadata=SHARDING)
+        model_sd = self.model.sharded_state_dict(metadata=SHARDING)
         if not with_optimizer:
             return {"model": model_sd}
         return {"model": model_sd,
@@ -149,7 +159,7 @@ class MegatronEngine:
         with_optimizer = not (folder / "NO_OPTIMIZER_STATE").exists()
         state = dist_checkpointing.load({**self._sharded(is_loading=True, with_optimizer=with_optimizer), **extra},
                                         str(folder))
-        self.module.module.load_state_dict(state["model"], strict=False)
+        self.model.load_state_dict(state["model"], strict=False)
         if with_optimizer:
             with torch.no_grad():  # mcore: loading optimizer state in place needs no autograd
                 self.optimizer.load_state_dict(state["optimizer"])

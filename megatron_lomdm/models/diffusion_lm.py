@@ -254,3 +254,47 @@ def order_grad_snr(terms: LossTerms, fwd_logits_BL: Tensor | None, valid_BL: Ten
         zero = torch.zeros((), dtype=torch.float64, device=valid_BL.device)
         return dict.fromkeys(SNR_KEYS, zero)
     return corruption_grad_snr_sums(surrogate_KB, fwd_logits_BL, valid_BL)
+
+
+class ModelChunks(nn.ModuleList):
+    """A rank's model chunks under interleaved pipeline stages (`parallel.virtual_stages` > 1).
+
+    Chunk i is a `DiffusionLM` over the backbone layers of virtual stage i; the last chunk of the
+    last pipeline stage holds the final LayerNorm, the LM head and the scheduler heads. Every chunk
+    has its own copy of the family (masks are drawn where tokens enter; `training.step` keeps the
+    copies equal to the trained one). Parameter names carry the chunk number (``0.backbone…``);
+    `sharded_state_dict` keeps megatron's keys, which number layers globally, so a checkpoint
+    written with chunks resumes on any layout and the other way round.
+    """
+
+    def __init__(self, chunks: list[DiffusionLM]) -> None:
+        super().__init__(chunks)
+
+    @property
+    def config(self):  # noqa: ANN201  (megatron's TransformerConfig, shared by the chunks)
+        return self[0].config
+
+    @property
+    def family(self) -> DiffusionFamily:
+        """The family copy of the last chunk (the trained one on the last pipeline stage)."""
+        return self[-1].family
+
+    @property
+    def mask_id(self) -> int:
+        return self[-1].mask_id
+
+    def _set_all(self, name: str, value) -> None:  # noqa: ANN001
+        for chunk in self:
+            setattr(chunk, name, value)
+
+    grad_snr = property(lambda self: self[-1].grad_snr, lambda self, v: self._set_all("grad_snr", v))
+    time_bins = property(lambda self: self[-1].time_bins, lambda self, v: self._set_all("time_bins", v))
+    time_mass = property(lambda self: self[-1].time_mass, lambda self, v: self._set_all("time_mass", v))
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """The chunks' sharded entries in one flat dict: dict keys are the chunk-numbered parameter
+        names (what `load_state_dict` and `named_parameters` use), checkpoint keys megatron's."""
+        out = {}
+        for i, chunk in enumerate(self):
+            out.update({f"{i}.{k}": v for k, v in chunk.sharded_state_dict(prefix, sharded_offsets, metadata).items()})
+        return out

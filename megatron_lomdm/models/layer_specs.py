@@ -9,6 +9,13 @@ Backends, chosen by ``resolve_attention_backend("auto")``:
       unfused DotProductAttention, which materialises a [B*H, L, L] score buffer (GPU without TE).
     * ``local``: megatron's local spec as is (CPU).
 
+Sequence parallelism (``TransformerConfig.sequence_parallel``): megatron's Transformer Engine
+norms support it; the local spec's ``WrappedTorchNorm`` refuses it (megatron could not tell its
+weights apart from TP-split ones, whose gradients must not be summed over TP). The local and SDPA
+specs therefore use ``SequenceParallelLayerNorm`` (a plain ``torch.nn.LayerNorm``, same state-dict
+keys) whose parameters carry megatron's ``sequence_parallel`` mark, so ``finalize_model_grads``
+all-reduces their gradients over the TP ranks, each of which saw 1/tp of the sequence.
+
 Every spec uses ``AttnMaskType.padding``. With no mask passed that is exactly full bidirectional
 attention on the local and SDPA paths (the mask is simply absent); Transformer Engine needs an
 explicit key-padding mask for this type, which ``Backbone`` always passes on that backend.
@@ -30,6 +37,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
@@ -173,6 +181,38 @@ class SDPACoreAttention(MegatronModule):
         L, B = query.shape[0], query.shape[1]
         hidden = self.num_heads_per_partition * self.head_dim
         return out_BHLQ.permute(2, 0, 1, 3).reshape(L, B, hidden)
+
+
+class SequenceParallelLayerNorm(torch.nn.LayerNorm):
+    """``torch.nn.LayerNorm`` built from megatron's norm arguments; under sequence parallelism its
+    weight and bias are marked ``sequence_parallel`` (module docstring). Without it, exactly the
+    LayerNorm megatron's ``WrappedTorchNorm`` builds."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5,
+                 persist_layer_norm: bool = False, zero_centered_gamma: bool = False,
+                 normalization: str = "LayerNorm") -> None:
+        if config.normalization != "LayerNorm" or config.layernorm_zero_centered_gamma:
+            raise ValueError(f"SequenceParallelLayerNorm is a plain LayerNorm, not {config.normalization} "
+                             f"(zero_centered_gamma={config.layernorm_zero_centered_gamma})")
+        super().__init__(hidden_size, eps=eps)
+        for p in self.parameters():
+            p.sequence_parallel = config.sequence_parallel
+
+
+def get_backbone_block_spec(config: TransformerConfig, backend: AttentionBackend = "auto",
+                            vp_stage: int | None = None) -> ModuleSpec | TransformerBlockSubmodules:
+    """The spec ``GPTModel`` takes for this pipeline stage (model chunk ``vp_stage``).
+
+    Transformer Engine: the layer spec (megatron pairs it with TE's norm, which handles sequence
+    parallelism). Local and SDPA: the block's submodules, every norm a ``SequenceParallelLayerNorm``.
+    """
+    layer = get_backbone_layer_spec(backend)
+    if resolve_attention_backend(backend) == "te":
+        return layer
+    layer.submodules.input_layernorm = SequenceParallelLayerNorm
+    layer.submodules.pre_mlp_layernorm = SequenceParallelLayerNorm
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage),
+                                      layer_norm=SequenceParallelLayerNorm)
 
 
 def get_backbone_layer_spec(backend: AttentionBackend = "auto") -> ModuleSpec:

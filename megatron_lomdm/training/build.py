@@ -21,8 +21,8 @@ from megatron_lomdm.diffusion.base import DiffusionFamily
 from megatron_lomdm.diffusion.registry import build_family
 from megatron_lomdm.distributed.init import ParallelInfo, destroy_distributed, init_distributed
 from megatron_lomdm.distributed.engine import Engine, build_engine
-from megatron_lomdm.models.backbone import build_backbone
-from megatron_lomdm.models.diffusion_lm import DiffusionLM
+from megatron_lomdm.models.backbone import build_backbone_chunks, use_cpu_initialization
+from megatron_lomdm.models.diffusion_lm import DiffusionLM, ModelChunks
 from megatron_lomdm.models.scheduler_head import SchedulerHead
 from megatron_lomdm.tracking.base import MetricsFile, Tracker
 from megatron_lomdm.tracking.mlflow_tracker import build_tracker
@@ -76,34 +76,45 @@ def family_from_config(cfg: Config) -> DiffusionFamily:
                         learn_order=d.learn_order, order_logits=d.order_logits)
 
 
-def build_model(cfg: Config, info: ParallelInfo) -> DiffusionLM:
-    """Backbone (this rank's TP/PP slice), scheduler heads and family, on this rank's device."""
+def build_model(cfg: Config, info: ParallelInfo) -> DiffusionLM | ModelChunks:
+    """Backbone (this rank's TP/PP slice), scheduler heads and family, on this rank's device.
+
+    With `parallel.virtual_stages` > 1: the rank's `ModelChunks`, one `DiffusionLM` per virtual
+    stage (the heads on the chunk that holds the LM head)."""
     m, d = cfg.model, cfg.diffusion
-    family = family_from_config(cfg)
+    vp = cfg.parallel.virtual_stages
     bf16 = cfg.train.precision == "bf16"
-    backbone = build_backbone(
+    on_cpu = use_cpu_initialization(m.init_device)
+    ends = [(parallel_state.is_pipeline_first_stage(ignore_virtual=vp == 1, vp_stage=i),
+             parallel_state.is_pipeline_last_stage(ignore_virtual=vp == 1, vp_stage=i)) for i in range(vp)]
+    backbones = build_backbone_chunks(
         num_layers=m.num_layers, hidden_size=m.hidden_size, num_heads=m.num_heads, ffn_hidden_size=m.ffn_size,
         vocab_size=m.vocab_size, seq_length=m.seq_length, mask_id=m.mask_id, dropout=m.dropout,
         params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
-        recompute=None if m.recompute == "none" else m.recompute, use_cpu_initialization=True,
-        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
-        init_method_std=m.init_method_std,
+        recompute=None if m.recompute == "none" else m.recompute, use_cpu_initialization=on_cpu,
+        stage_ends=ends, sequence_parallel=cfg.parallel.sequence_parallel, init_method_std=m.init_method_std,
     )
     # Heads are built with the default RNG, which init_distributed seeds identically on every rank,
-    # so they start bit-identical across TP ranks (and DP ranks).
-    # Heads live on the last pipeline stage, where the features they read are.
-    last = parallel_state.is_pipeline_last_stage()
-    heads = tuple(SchedulerHead(m.hidden_size, m.head_num_heads or m.num_heads, m.head_dropout,
-                                center=m.head_center_logits) for _ in range(2))
-    fwd_head = heads[0] if family.needs_clean_features and last else None
-    rev_head = heads[1] if family.needs_reverse_head and last else None
-    if not last:
-        # The family's learnable parameters (GenMD4, multivariate) train on the last stage; other stages draw masks
-        # with copies that `training.step` refreshes from it every step.
-        family.requires_grad_(False)
-    model = DiffusionLM(backbone, family, fwd_head, rev_head, mask_id=m.mask_id, seed=cfg.train.seed,
-                        global_batch_size=cfg.train.global_batch_size, eps_t=d.eps_t,
-                        clean_pass_dropout=m.clean_pass_dropout)
+    # so they start bit-identical across TP ranks (and DP ranks); with init on the accelerator they
+    # are drawn there (the CUDA default RNG, seeded alike on every rank too).
+    # Heads live on the chunk with the LM head (last pipeline stage), where the features they read are.
+    with torch.device("cpu" if on_cpu else info.device):
+        heads = tuple(SchedulerHead(m.hidden_size, m.head_num_heads or m.num_heads, m.head_dropout,
+                                    center=m.head_center_logits) for _ in range(2))
+    chunks = []
+    for backbone in backbones:
+        family = family_from_config(cfg)
+        last = backbone.post_process
+        fwd_head = heads[0] if family.needs_clean_features and last else None
+        rev_head = heads[1] if family.needs_reverse_head and last else None
+        if not last:
+            # The family's learnable parameters (GenMD4, multivariate) train on the last stage; other stages
+            # (and chunks) draw masks with copies that `training.step` refreshes from it every step.
+            family.requires_grad_(False)
+        chunks.append(DiffusionLM(backbone, family, fwd_head, rev_head, mask_id=m.mask_id, seed=cfg.train.seed,
+                                  global_batch_size=cfg.train.global_batch_size, eps_t=d.eps_t,
+                                  clean_pass_dropout=m.clean_pass_dropout))
+    model = chunks[0] if vp == 1 else ModelChunks(chunks)
     if bf16:
         # One parameter dtype, as megatron's Float16Module would give (the local spec builds its
         # LayerNorms in fp32): the bf16 optimizer keeps fp32 masters for all of them, and its
@@ -119,7 +130,7 @@ class Run:
 
     cfg: Config
     info: ParallelInfo
-    model: DiffusionLM
+    model: DiffusionLM | ModelChunks  # chunks: interleaved pipeline stages (parallel.virtual_stages > 1)
     engine: Engine
     ema: EMA
     loader: ShardLoader | BlendLoader
@@ -275,7 +286,8 @@ def build_run(cfg: Config, *, read_only: bool = False) -> Run:
     # before any process group: bad data fails fast (a blend: one tokenizer across its sources)
     manifest = data_manifest(cfg.data.train, source_options(cfg.data, cfg.run.dir))
     cfg = resolve_data_fields(cfg, manifest)
-    info = init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.train.seed, before_rng_seed=cpu_hook)
+    info = init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, vp=cfg.parallel.virtual_stages,
+                            seed=cfg.train.seed, before_rng_seed=cpu_hook)
     validate_for_world(cfg, info.world_size)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)

@@ -121,28 +121,44 @@ class MicroBatchStep(nn.Module):
         return terms.surrogate, terms, diag
 
 
-def sync_family_params(model: torch.nn.Module) -> None:
-    """Copy the family's learnable parameters (GenMD4 exponents) from the last pipeline stage."""
-    params = list(model.family.parameters())
-    if not params or parallel_state.get_pipeline_model_parallel_world_size() == 1:
+def sync_family_params(chunks: list[torch.nn.Module]) -> None:
+    """Copy the family's learnable parameters (GenMD4 exponents) from the last pipeline stage's last
+    chunk into every chunk's copy on every stage."""
+    trained = list(chunks[-1].family.parameters())
+    if not trained or (len(chunks) == 1 and parallel_state.get_pipeline_model_parallel_world_size() == 1):
         return
-    for p in params:
-        dist.broadcast(p.data, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                       group=parallel_state.get_pipeline_model_parallel_group())
+    last = parallel_state.is_pipeline_last_stage()
+    for chunk in chunks:
+        for p, src in zip(chunk.family.parameters(), trained, strict=True):
+            if last and p is not src:
+                p.data.copy_(src.data)
+            if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+                dist.broadcast(p.data, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                               group=parallel_state.get_pipeline_model_parallel_group())
 
 
-def phase_one(model: torch.nn.Module, batches: list[dict], *, seq_length: int, micro_batch_size: int,
-              device: torch.device) -> list[torch.Tensor]:
+def _iterators(batches: list[dict], chunks: list[torch.nn.Module]):
+    """The schedule's data iterator: one over the batches, or one per chunk when interleaved
+    (every chunk reads each micro-batch: the tokens' shape, their masks)."""
+    if len(chunks) == 1:
+        return iter(enumerate(batches))
+    return [iter(enumerate(batches)) for _ in chunks]
+
+
+def phase_one(model: torch.nn.Module | list[torch.nn.Module], batches: list[dict], *, seq_length: int,
+              micro_batch_size: int, device: torch.device) -> list[torch.Tensor]:
     """Forward-head logits of every micro-batch, on every pipeline stage.
 
-    The clean pass is pipelined like any forward-only pass. On the last stage the logits keep
-    their graph to phi; their values are broadcast to the other stages, which draw the masks.
+    The clean pass is pipelined like any forward-only pass (`model`: the model, or the rank's list
+    of chunks when interleaved). On the last stage the logits keep their graph to phi; their values
+    are broadcast to the other stages, which draw the masks.
     """
+    chunks = model if isinstance(model, list) else [model]
     store: dict[int, torch.Tensor] = {}
     with torch.no_grad():  # stop-grad: f(x) of the clean sequence (method.md §3.1)
         get_forward_backward_func()(
-            forward_step_func=partial(clean_forward_step, device, store), data_iterator=iter(enumerate(batches)),
-            model=[model], num_microbatches=len(batches), seq_length=seq_length,
+            forward_step_func=partial(clean_forward_step, device, store), data_iterator=_iterators(batches, chunks),
+            model=chunks, num_microbatches=len(batches), seq_length=seq_length,
             micro_batch_size=micro_batch_size, forward_only=True,
         )
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
@@ -237,16 +253,17 @@ def forward_backward(engine: Engine, data_iterator: Iterator[dict], *, step: int
     batches = [next(data_iterator) for _ in range(num_microbatches)]
     if not engine.pipeline_schedule:
         return _each_micro_batch(engine, batches, step=step, device=device, forward_only=forward_only)
-    model = engine.module  # DDP-wrapped DiffusionLM; the engine set finalize_model_grads_func
-    sync_family_params(unwrap(model))
+    chunks = engine.model_chunks  # DDP-wrapped DiffusionLM(s); the engine set finalize_model_grads_func
+    sync_family_params([unwrap(c) for c in chunks])
+    family = unwrap(chunks[-1]).family
     fwd_logits = None
-    if unwrap(model).family.needs_clean_features:
-        fwd_logits = phase_one(model, batches, seq_length=seq_length, micro_batch_size=micro_batch_size, device=device)
-    num_corruptions = unwrap(model).family.num_corruptions
+    if family.needs_clean_features:
+        fwd_logits = phase_one(chunks, batches, seq_length=seq_length, micro_batch_size=micro_batch_size, device=device)
+    num_corruptions = family.num_corruptions
     return get_forward_backward_func()(
         forward_step_func=partial(forward_step, step, device, fwd_logits),
-        data_iterator=iter(enumerate(batches)),
-        model=[model],
+        data_iterator=_iterators(batches, chunks),
+        model=chunks,
         num_microbatches=num_microbatches,
         seq_length=seq_length,
         micro_batch_size=micro_batch_size * num_corruptions,  # the pipeline carries K corruptions per sequence

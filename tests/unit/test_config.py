@@ -230,3 +230,42 @@ def test_cli_non_finite_override_exits_2() -> None:
     )
     assert out.returncode == 2
     assert out.stderr.strip() == "lomdm-train: config: train.lr: must be a finite number, got inf"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["parallel.sequence_parallel=true"], r"parallel\.sequence_parallel: needs parallel\.tp > 1"),
+        (["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.backend=deepspeed"],
+         r"parallel\.sequence_parallel: is wired for parallel\.backend=megatron only"),
+        (["parallel.tp=2", "parallel.sequence_parallel=true", "model.seq_length=33"],
+         r"parallel\.sequence_parallel: model\.seq_length=33 is not divisible by parallel\.tp=2"),
+        (["parallel.virtual_stages=2"], r"parallel\.virtual_stages: 2 needs parallel\.pp > 1"),
+        (["parallel.virtual_stages=0"], r"parallel\.virtual_stages: must be >= 1"),
+        (["parallel.pp=2", "parallel.virtual_stages=2", "parallel.backend=deepspeed"],
+         r"parallel\.virtual_stages: interleaved pipeline stages need parallel\.backend=megatron"),
+        (["model.num_layers=12", "parallel.pp=2", "parallel.virtual_stages=4"],
+         r"parallel\.virtual_stages: parallel\.pp x parallel\.virtual_stages = 2 x 4 = 8 does not divide "
+         r"model\.num_layers=12"),
+        (["model.init_device=gpu"], r"model\.init_device: must be one of auto, cpu, cuda, meta"),
+        (["model.init_device=meta"], r"model\.init_device: meta is not supported: megatron-core builds on the meta"),
+    ],
+)
+def test_scale_feature_rejections(override: list[str], message: str) -> None:
+    """Sequence parallelism, interleaved stages and init devices: unsupported combinations are refused
+    up front, naming the key."""
+    with pytest.raises(ValueError, match=message):
+        load_config(None, override)
+
+
+def test_interleaved_schedule_needs_micro_batches_multiple_of_pp() -> None:
+    cfg = load_config(None, ["model.num_layers=4", "parallel.pp=2", "parallel.virtual_stages=2",
+                             "train.micro_batch_size=4", "train.global_batch_size=12"])
+    with pytest.raises(ValueError, match=r"parallel\.virtual_stages: megatron's interleaved schedule needs the "
+                                         r"micro-batches per step \(3 = .*multiple of parallel\.pp=2"):
+        validate_for_world(cfg, 2)
+    cfg = load_config(None, ["model.num_layers=4", "parallel.pp=2", "parallel.virtual_stages=2",
+                             "train.micro_batch_size=4", "train.global_batch_size=16"])
+    assert validate_for_world(cfg, 2) == 1  # 4 micro-batches
+    cfg = load_config(None, ["parallel.tp=2", "parallel.sequence_parallel=true"])
+    assert cfg.parallel.sequence_parallel

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_lomdm.models.backbone import Backbone, build_backbone, pad_vocab_size
+from megatron_lomdm.config import load_config
+from megatron_lomdm.models.backbone import Backbone, build_backbone, pad_vocab_size, use_cpu_initialization
 from megatron_lomdm.models.layer_specs import SDPACoreAttention, resolve_attention_backend
 from tests.helpers.cpu_megatron import megatron_cpu_session
 
@@ -140,3 +141,44 @@ def test_vocab_padding_and_backend_choice() -> None:
     assert resolve_attention_backend("sdpa") == "sdpa"
     with pytest.raises(ValueError):
         resolve_attention_backend("flash")  # type: ignore[arg-type]
+
+
+def test_init_device_resolution() -> None:
+    """model.init_device: auto draws on the GPU only when there is one; cuda without CUDA and meta
+    are refused naming the key (megatron-core 0.16.1 builds on the meta device only in TE layers
+    under megatron FSDP)."""
+    assert use_cpu_initialization("auto", cuda_available=False)
+    assert not use_cpu_initialization("auto", cuda_available=True)
+    assert use_cpu_initialization("cpu", cuda_available=True)
+    assert not use_cpu_initialization("cuda", cuda_available=True)
+    with pytest.raises(ValueError, match=r"model\.init_device=cuda needs a CUDA device"):
+        use_cpu_initialization("cuda", cuda_available=False)
+    with pytest.raises(ValueError, match=r"model\.init_device: meta is not supported"):
+        use_cpu_initialization("meta", cuda_available=True)
+    with pytest.raises(ValueError, match=r"model\.init_device: must be one of auto, cpu, cuda, meta"):
+        load_config(None, ["model.init_device=disk"])
+
+
+def test_accelerator_init_path_builds(session) -> None:
+    """The init-on-the-accelerator branch (megatron's ``use_cpu_initialization=False``: each weight
+    allocated on ``torch.cuda.current_device()``, TP-split ones drawn from megatron's model-parallel
+    RNG), run here on the CPU through the shims. Not bitwise the CPU init (another RNG stream):
+    the same parameters, shapes and dtypes, finite, weights drawn with init_method_std, norms at
+    their init; and it computes."""
+    on_host, on_device = tiny(seed=3), tiny(seed=3, use_cpu_initialization=False)
+    assert not on_device.config.use_cpu_initialization
+    host, device = dict(on_host.named_parameters()), dict(on_device.named_parameters())
+    assert {k: (v.shape, v.dtype) for k, v in host.items()} == {k: (v.shape, v.dtype) for k, v in device.items()}
+    drawn = 0
+    for name, p in device.items():
+        assert torch.isfinite(p).all(), name
+        if p.dim() == 2:  # weight matrices and embeddings: N(0, 0.02) (output projections scaled down)
+            assert 0.002 < float(p.detach().std()) < 0.025, name
+            assert not torch.equal(p, host[name]), name
+            drawn += 1
+        elif "layernorm" in name and name.endswith("weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+    assert drawn >= 6
+    with torch.no_grad():
+        logits, hidden = on_device(tokens())
+    assert logits.shape == (2, L, pad_vocab_size(V)) and torch.isfinite(logits).all()
