@@ -190,6 +190,7 @@ class Generation:
         num_steps: executed steps per batch.
         exp_sum_L / exp_count_L / corr: ``RunDenoiser`` diagnostics summed over batches.
         seconds: wall time of the sampling loop.
+        extras: ``num_remasked``, tokens masked again by a remasking sampler over all batches.
     """
 
     tokens: Tensor
@@ -269,7 +270,7 @@ def generate(run: Any, sampler: Sampler, *, num_samples: int, batch_size: int, s
             denoiser.given_BL = kwargs.get("fixed_BL")
             res = sampler.sample(denoiser, generator=generator, device=device, **kwargs)
             mine.append({"batch": b, "tokens": res.tokens_BL.cpu(), "unmask_step": res.unmask_step_BL.cpu(),
-                         "num_calls": res.num_calls, "num_steps": res.num_steps})
+                         "num_calls": res.num_calls, "num_steps": res.num_steps, "num_remasked": res.num_remasked})
     seconds = time.time() - t0
     diag = {"exp_sum": denoiser.exp_sum_L, "exp_count": denoiser.exp_count_L, "corr": denoiser.corr}
     gathered = [(mine, diag)]
@@ -285,7 +286,8 @@ def generate(run: Any, sampler: Sampler, *, num_samples: int, batch_size: int, s
         unmask_step=torch.cat([item["unmask_step"] for item in batches]),
         batch_of=[item["batch"] for item in batches for _ in range(item["tokens"].shape[0])],
         num_calls=[item["num_calls"] for item in batches], num_steps=[item["num_steps"] for item in batches],
-        exp_sum_L=exp_sum, exp_count_L=exp_count, corr=corr, seconds=seconds)
+        exp_sum_L=exp_sum, exp_count_L=exp_count, corr=corr, seconds=seconds,
+        extras={"num_remasked": sum(item["num_remasked"] for item in batches)})
 
 
 def sample_prompts(num_samples: int, seq_length: int, *, prefix_ids: Sequence[int] | None = None,
