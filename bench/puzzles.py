@@ -95,7 +95,7 @@ def train_command(name: str, steps: int, args: argparse.Namespace, data: Path, r
 def decode_command(name: str, run_dir: Path, data: Path, args: argparse.Namespace) -> list[str]:
     return [sys.executable, "bench/puzzles.py", "--decode", str(run_dir), "--decode-model", name,
             "--decode-data", str(data), "--grid", *map(str, args.grid), "--max-puzzles", str(args.test),
-            "--seed", str(args.seed)]
+            "--seed", str(args.seed), *(["--decoders", *args.decoders] if args.decoders else [])]
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,7 +103,8 @@ def decode_command(name: str, run_dir: Path, data: Path, args: argparse.Namespac
 # --------------------------------------------------------------------------------------------
 
 
-def decode(run_dir: Path, model: str, data: Path, grid: list[int], max_puzzles: int, seed: int) -> None:
+def decode(run_dir: Path, model: str, data: Path, grid: list[int], max_puzzles: int, seed: int,
+           only: list[str] | None = None) -> None:
     """Every decoder of `model` at every T on the test split; writes RUN/decode.json (and the order picture)."""
     import torch
 
@@ -123,6 +124,8 @@ def decode(run_dir: Path, model: str, data: Path, grid: list[int], max_puzzles: 
     use_ema = run.ema.decay > 0
     rows = []
     for label, name, opts in DECODERS[model]:
+        if only and label not in only:
+            continue
         for T in grid:
             sampler = build_sampler(name, **sampler_options(name, mask_id=cfg.model.mask_id, family=run.model.family,
                                                             steps=T, **opts))
@@ -199,9 +202,9 @@ def order_picture(run: Any, puzzles: list[Any], prompts: list[list[int]], eos_id
         im = ax.imshow(grid, cmap="viridis")
         for i in range(NUM_CELLS):
             c = _candidates(puzzles[b])[i]
-            ax.text(i % 9, i // 9, str(puzzles[b].puzzle[i]) if c == 0 else f"{c}", ha="center", va="center",
+            ax.text(i % 9, i // 9, str(puzzles[b].puzzle[i]) if c == 0 else f"c{c}", ha="center", va="center",
                     fontsize=7, color="black" if c == 0 else "white")
-        ax.set(title=f"test puzzle {b}: forward exponent per blank\n(digit: given; white: candidates)", xticks=[],
+        ax.set(title=f"test puzzle {b}: forward exponent per blank\n(black: given digit; cN: N candidates)", xticks=[],
                yticks=[])
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
@@ -270,15 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--givens", default="40:50", help="givens per puzzle, MIN:MAX (more: easier)")
     p.add_argument("--train", type=int, default=8000)
     p.add_argument("--valid", type=int, default=100)
-    p.add_argument("--test", type=int, default=300)
+    p.add_argument("--test", type=int, default=150)
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--data-dir", default=None, help="puzzle folder to use (made there when missing; default under --out-dir)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--hidden", type=int, default=96)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--grid", type=int, nargs="+", default=[4, 8, 16, 32, 81], help="reverse steps T")
     p.add_argument("--seed", type=int, default=1)
@@ -291,9 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-model", default=None, help=argparse.SUPPRESS)
     p.add_argument("--decode-data", default=None, help=argparse.SUPPRESS)
     p.add_argument("--max-puzzles", type=int, default=300, help=argparse.SUPPRESS)
+    p.add_argument("--decoders", nargs="+", default=None, help="decode with these decoders only (row labels)")
     args = p.parse_args(argv)
     if args.decode:
-        decode(Path(args.decode), args.decode_model, Path(args.decode_data), args.grid, args.max_puzzles, args.seed)
+        decode(Path(args.decode), args.decode_model, Path(args.decode_data), args.grid, args.max_puzzles, args.seed,
+               args.decoders)
         return 0
     out = Path(args.out_dir)
     t0, cpu0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
