@@ -246,15 +246,17 @@ def plot(rows: list[dict[str, Any]], paths: list[Path], title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    series = 0
     for i, (model, decs) in enumerate(DECODERS.items()):
-        for j, (label, _, _) in enumerate(decs):
+        for label, _, _ in decs:
             pts = sorted((r["T"], r["exact"], r["cell"]) for r in rows if r["model"] == model and r["decoder"] == label)
             if not pts:
                 continue
             style = ["-", "--", ":"][i]
             for ax, k in zip(axes, (1, 2)):
-                ax.plot([p[0] for p in pts], [100 * p[k] for p in pts], style, marker="o", c=f"C{j + 3 * i}",
+                ax.plot([p[0] for p in pts], [100 * p[k] for p in pts], style, marker="o", c=f"C{series % 10}",
                         label=f"{model}: {label}")
+            series += 1
     for ax, name in zip(axes, ("whole-puzzle accuracy (%)", "cell accuracy (%)")):
         ax.set(xscale="log", xlabel="reverse steps T", ylabel=name)
         ax.grid(alpha=0.3)
