@@ -15,7 +15,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 # it or call .venv/bin/python), and pip upgrades itself first
 PIP_QUIET := -q --no-warn-script-location --disable-pip-version-check
 
-.PHONY: setup demo test bench bench-learning bench-order clean-demo
+.PHONY: setup demo test bench bench-learning bench-order bench-puzzles clean-demo
 
 setup: $(STAMP)
 
@@ -50,6 +50,11 @@ bench-learning: setup
 # `python bench/order_task.py --variants ...` runs the other variants)
 bench-order: setup
 	$(PY) bench/order_task.py
+
+# not in CI: Sudoku solved by MDLM and LoMDM with vanilla, oracle, learned-order and remasking
+# decoders at several T (bench/puzzles.py, docs/puzzles.md; <= 30 min on 2 quiet cores)
+bench-puzzles: setup
+	$(PY) bench/puzzles.py
 
 clean-demo:
 	rm -rf runs/demo_cpu demo_data

@@ -2,12 +2,13 @@
 
     python tools/sample.py --run-dir DIR --sampler NAME --steps T --num-samples N [--out FILE]
                            [--prefix TEXT | --prompts FILE.jsonl|valid] [--judge DIR] [--batch-size B] [--seed S]
-                           [--temperature X] [--top-p P] [--grid uniform|beta ...] [--gamma G]
+                           [--temperature X] [--top-p P] [--grid uniform|beta ...] [--gamma G] [--noise-scale S]
                            [--checkpoint STEP] [--no-ema] [dotted.key=value ...]
     torchrun --nproc_per_node=N tools/sample.py ...   (TP/PP as in the run's config; DP splits batches)
 
 NAME: ancestral (reverse-scheduler order), exact (one token at a time, Plackett-Luce),
-mdlm_cache, top_prob, top_margin, entropy_bound.
+mdlm_cache, top_prob, top_margin, lomdm_top_margin (learned count, margin x learned wish), remask
+(top_margin + confidence-drop remasking), entropy_bound (docs/puzzles.md).
 
 Writes JSONL (default RUN_DIR/samples/<sampler>_T<steps>_seed<seed>_step<ckpt>.jsonl): one line per
 sample with text, token_ids, its batch's number of backbone calls, Kendall tau, unigram entropy and
@@ -26,7 +27,8 @@ import argparse
 import sys
 
 EXIT_BAD_INPUT = 2
-SAMPLER_NAMES = ("ancestral", "exact", "mdlm_cache", "top_prob", "top_margin", "entropy_bound")
+SAMPLER_NAMES = ("ancestral", "exact", "mdlm_cache", "top_prob", "top_margin", "lomdm_top_margin", "remask",
+                 "entropy_bound")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid-b", type=float, default=1.0, help="beta grid shape b")
     p.add_argument("--no-sin2", action="store_true", help="beta grid without the sin^2 map")
     p.add_argument("--gamma", type=float, default=None, help="entropy_bound error budget (nats)")
+    p.add_argument("--noise-scale", type=float, default=None, help="top-K samplers: Gumbel noise on the score (Kim: 0.5)")
     p.add_argument("--no-cache", action="store_true", help="never reuse a backbone call")
     p.add_argument("--prefix", default=None, help="prefix text: generation continues it (BOS + text fixed)")
     p.add_argument("--prompts", default=None, metavar="FILE.jsonl|valid",

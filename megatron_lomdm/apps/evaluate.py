@@ -272,6 +272,10 @@ def read_eval_sequences(run: Any, *, data: str | Path | None = None, split: str 
 def read_eval_prompts(run: Any, *, max_prompts: int | None = None) -> list[list[int]]:
     """The given (prompt) tokens of the conditioned rows of the eval split, in stored order.
 
+    Each prompt runs up to the row's last given position; a position to generate before it (an
+    in-place row, e.g. a Sudoku's blanks) is [MASK] (``apps.generate.prompt_batch`` keeps only the
+    others fixed). For prefix-conditioned rows this is the given prefix.
+
     Raises:
         ValueError: the split has no conditioned row (its shards carry no prompts).
     """
@@ -282,7 +286,9 @@ def read_eval_prompts(run: Any, *, max_prompts: int | None = None) -> list[list[
         tokens, _, cond = reader.read_rows(np.arange(reader.num_samples, dtype=np.int64))
     finally:
         reader.close()
-    prompts = [row[given].tolist() for row, given in zip(tokens, cond) if given.any()]
+    mask_id = run.cfg.model.mask_id
+    prompts = [np.where(given, row, mask_id)[: int(np.flatnonzero(given)[-1]) + 1].tolist()
+               for row, given in zip(tokens, cond) if given.any()]
     if not prompts:
         raise ValueError(f"split {split!r} of {path} has no prompts (not written with --prompt-key)")
     return prompts[:max_prompts]

@@ -190,6 +190,7 @@ class Generation:
         num_steps: executed steps per batch.
         exp_sum_L / exp_count_L / corr: ``RunDenoiser`` diagnostics summed over batches.
         seconds: wall time of the sampling loop.
+        extras: ``num_remasked``, tokens masked again by a remasking sampler over all batches.
     """
 
     tokens: Tensor
@@ -238,7 +239,7 @@ def generate(run: Any, sampler: Sampler, *, num_samples: int, batch_size: int, s
         prefix_ids: tokens fixed at positions 0..P-1 of every sample (prefix conditioning).
         prompts: per sample (N of them), the tokens fixed at its first positions (conditioned
             generation: the model's exponents normalise over the other positions, as in training);
-            exclusive with ``prefix_ids``.
+            a [MASK] inside a prompt is generated (in-place infilling); exclusive with ``prefix_ids``.
         use_ema: EMA weights (default) or the live weights.
         diagnostics: accumulate the per-position exponent and e_R/confidence correlation.
 
@@ -249,7 +250,7 @@ def generate(run: Any, sampler: Sampler, *, num_samples: int, batch_size: int, s
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
     L = run.cfg.model.seq_length
     device = run.device
-    rows = sample_prompts(num_samples, L, prefix_ids=prefix_ids, prompts=prompts)
+    rows = sample_prompts(num_samples, L, prefix_ids=prefix_ids, prompts=prompts, mask_id=sampler.mask_id)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp = parallel_state.get_data_parallel_world_size()
     num_batches = -(-num_samples // batch_size)
@@ -269,7 +270,7 @@ def generate(run: Any, sampler: Sampler, *, num_samples: int, batch_size: int, s
             denoiser.given_BL = kwargs.get("fixed_BL")
             res = sampler.sample(denoiser, generator=generator, device=device, **kwargs)
             mine.append({"batch": b, "tokens": res.tokens_BL.cpu(), "unmask_step": res.unmask_step_BL.cpu(),
-                         "num_calls": res.num_calls, "num_steps": res.num_steps})
+                         "num_calls": res.num_calls, "num_steps": res.num_steps, "num_remasked": res.num_remasked})
     seconds = time.time() - t0
     diag = {"exp_sum": denoiser.exp_sum_L, "exp_count": denoiser.exp_count_L, "corr": denoiser.corr}
     gathered = [(mine, diag)]
@@ -285,12 +286,17 @@ def generate(run: Any, sampler: Sampler, *, num_samples: int, batch_size: int, s
         unmask_step=torch.cat([item["unmask_step"] for item in batches]),
         batch_of=[item["batch"] for item in batches for _ in range(item["tokens"].shape[0])],
         num_calls=[item["num_calls"] for item in batches], num_steps=[item["num_steps"] for item in batches],
-        exp_sum_L=exp_sum, exp_count_L=exp_count, corr=corr, seconds=seconds)
+        exp_sum_L=exp_sum, exp_count_L=exp_count, corr=corr, seconds=seconds,
+        extras={"num_remasked": sum(item["num_remasked"] for item in batches)})
 
 
 def sample_prompts(num_samples: int, seq_length: int, *, prefix_ids: Sequence[int] | None = None,
-                   prompts: Sequence[Sequence[int]] | None = None) -> list[list[int]] | None:
+                   prompts: Sequence[Sequence[int]] | None = None,
+                   mask_id: int | None = None) -> list[list[int]] | None:
     """Each sample's prompt ids (None: unconditional): ``prefix_ids`` for all, or ``prompts``.
+
+    A prompt fixes the first positions of its row; with ``mask_id``, a [MASK] inside it is a
+    position to generate (in-place infilling, e.g. a Sudoku's blanks: docs/puzzles.md).
 
     Raises:
         ValueError: both given, a count other than ``num_samples``, or a prompt that leaves
@@ -305,7 +311,8 @@ def sample_prompts(num_samples: int, seq_length: int, *, prefix_ids: Sequence[in
     if len(prompts) != num_samples:
         raise ValueError(f"{len(prompts)} prompts for {num_samples} samples")
     for i, ids in enumerate(prompts):
-        if len(ids) >= seq_length:
+        has_blank = mask_id is not None and mask_id in ids
+        if len(ids) > seq_length or (len(ids) == seq_length and not has_blank):
             raise ValueError(f"prompt {i} has {len(ids)} tokens; the model generates {seq_length}: "
                              "nothing left to generate")
     return [list(ids) for ids in prompts]
@@ -313,13 +320,11 @@ def sample_prompts(num_samples: int, seq_length: int, *, prefix_ids: Sequence[in
 
 def prompt_batch(prompts: Sequence[Sequence[int]], seq_length: int, mask_id: int) -> tuple[Tensor, Tensor]:
     """The samplers' initial state for prompts: ``prompt_BL`` ([MASK] after each prompt) and
-    ``fixed_BL`` (True on each prompt's positions), (B, L) each."""
+    ``fixed_BL`` (True on each prompt's positions except the [MASK]s inside it), (B, L) each."""
     prompt_BL = torch.full((len(prompts), seq_length), mask_id, dtype=torch.int64)
-    fixed_BL = torch.zeros(len(prompts), seq_length, dtype=torch.bool)
     for i, ids in enumerate(prompts):
         prompt_BL[i, : len(ids)] = torch.tensor(list(ids), dtype=torch.int64)
-        fixed_BL[i, : len(ids)] = True
-    return prompt_BL, fixed_BL
+    return prompt_BL, prompt_BL != mask_id
 
 
 def order_report(gen: Generation, *, heatmap_path: str | Path | None = None, title: str | None = None,

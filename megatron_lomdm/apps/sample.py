@@ -156,7 +156,7 @@ def write_samples(args: argparse.Namespace, run: Any, judge: Any) -> int:
     grid = grid_spec(args, getattr(SAMPLERS[args.sampler], "default_t_min", None))
     opts = sampler_options(args.sampler, mask_id=cfg.model.mask_id, family=run.model.family, steps=args.steps,
                            grid=grid, temperature=args.temperature, top_p=args.top_p, use_cache=not args.no_cache,
-                           gamma=args.gamma)
+                           gamma=args.gamma, noise_scale=args.noise_scale)
     sampler = build_sampler(args.sampler, **opts)
     gen = generate(run, sampler, num_samples=num_samples, batch_size=batch_size, seed=seed,
                    prefix_ids=prefix_ids, prompts=prompts, use_ema=args.ema)

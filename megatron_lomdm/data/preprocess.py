@@ -129,6 +129,11 @@ class ShardJob:
             one ``padded`` row ``[BOS] prompt response [EOS]`` whose ``[BOS] prompt`` positions
             are conditioned (``format``); ``None``: plain documents.
         response_key: the response field of prompt/response records.
+        ids_key: pre-tokenized JSONL records (no tokenizing): the field of the token ids; each
+            record becomes one ``padded`` row ``[BOS] ids [EOS]`` with ``[BOS]`` and the ids
+            marked by ``cond_key`` conditioned (in-place infilling, e.g. a Sudoku's givens);
+            ``None``: text records.
+        cond_key: the field of a pre-tokenized record's 0/1 per id (1: given).
     """
 
     inputs: tuple[str | Path, ...]
@@ -154,11 +159,13 @@ class ShardJob:
     detokenizer: str | None = None
     prompt_key: str | None = None
     response_key: str = "response"
+    ids_key: str | None = None
+    cond_key: str = "cond"
 
     @property
     def conditioned(self) -> bool:
-        """Prompt/response records (a conditioning mask per row)."""
-        return self.prompt_key is not None
+        """Prompt/response or pre-tokenized records (a conditioning mask per row)."""
+        return self.prompt_key is not None or self.ids_key is not None
 
     @property
     def text_key(self) -> str:
@@ -185,6 +192,10 @@ class ShardJob:
             raise ValueError(CONDITIONING_NEEDS_PADDED)
         if self.conditioned and self.hf_dataset is not None:
             raise ValueError("prompt/response records (--prompt-key) are read from JSONL files only")
+        if self.prompt_key is not None and self.ids_key is not None:
+            raise ValueError("give --prompt-key (text records) or --ids-key (pre-tokenized), not both")
+        if self.ids_key is not None and self.detokenizer is not None:
+            raise ValueError("pre-tokenized records (--ids-key) are not detokenized")
         if self.detokenizer is not None and self.detokenizer not in DETOKENIZERS:
             raise ValueError(
                 f"detokenizer must be one of {sorted(DETOKENIZERS)}, got {self.detokenizer!r}"
@@ -254,8 +265,8 @@ def _input_files(job: ShardJob) -> list[Any]:
     other = [str(p) for p in files if job.conditioned and not is_jsonl(p)]
     if other:
         raise ValueError(
-            f"{other[0]}: not a JSONL file; prompt/response records (--prompt-key) are read from "
-            "JSONL files (.jsonl/.json/.ndjson) only"
+            f"{other[0]}: not a JSONL file; prompt/response and pre-tokenized records (--prompt-key, "
+            "--ids-key) are read from JSONL files (.jsonl/.json/.ndjson) only"
         )
     if job.hf_dataset is not None:
         files.append(job.hf_dataset)
@@ -329,9 +340,11 @@ def _tokenize(
     )
     train = layouts["train"]
     max_prompt = train.max_prompt_tokens if job.conditioned and isinstance(train, Padder) else None
+    room = train.room if isinstance(train, Padder) else None
+    pretokenized = None if job.ids_key is None else (job.ids_key, job.cond_key, room)
     encoder_args = (
         tok.to_str(), job.text_key, job.valid_fraction, job.seed, job.detokenizer, job.prompt_key,
-        max_prompt,
+        max_prompt, pretokenized,
     )  # fmt: skip
     try:
         _run_encoders(tasks, consumer, job.workers, encoder_args)
@@ -399,6 +412,8 @@ def _manifest(
 
 def _conditioning(job: ShardJob) -> dict[str, Any]:
     """The manifest keys of a conditioned folder."""
+    if job.ids_key is not None:
+        return {"conditioned": True, "pretokenized": {"ids_key": job.ids_key, "cond_key": job.cond_key}}
     return {"conditioned": True, "prompt_key": job.prompt_key, "response_key": job.response_key}
 
 
@@ -475,6 +490,7 @@ def _run_encoders(
             detokenizer=encoder_args[4] if len(encoder_args) > 4 else None,
             prompt_key=encoder_args[5] if len(encoder_args) > 5 else None,
             max_prompt_tokens=encoder_args[6] if len(encoder_args) > 6 else None,
+            pretokenized=encoder_args[7] if len(encoder_args) > 7 else None,
         )
         for task in tasks:
             consume(encoder.encode(*task))
@@ -662,8 +678,19 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-#: Documents in flight: concatenated ids, lengths, and prompt lengths (``None``: no prompts).
+#: Documents in flight: concatenated ids, lengths, and per id whether it is given (``None``: none).
 Document = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
+
+
+def _given(batch: EncodedBatch) -> np.ndarray | None:
+    """Per id of the batch, whether it is given (a prompt's or a pre-tokenized record's cond)."""
+    if batch.given is not None:
+        return batch.given
+    if batch.prompt_lengths is None:
+        return None
+    starts = np.cumsum(batch.lengths) - batch.lengths
+    offset = np.arange(int(batch.lengths.sum())) - np.repeat(starts, batch.lengths)
+    return offset < np.repeat(batch.prompt_lengths, batch.lengths)
 
 
 class _Consumer:
@@ -698,8 +725,9 @@ class _Consumer:
             if len(self.examples[reason]) < 5:
                 self.examples[reason].append(f"{path}:{line}")
         doc_ends = np.cumsum(batch.lengths)
+        given = _given(batch)
         if self.valid_last:
-            self._hold(batch.ids, batch.lengths, batch.prompt_lengths)
+            self._hold(batch.ids, batch.lengths, given)
             self.progress.update(
                 len(batch.lengths), int(doc_ends[-1]) if len(doc_ends) else 0, batch.num_bytes
             )
@@ -709,36 +737,35 @@ class _Consumer:
                 continue
             if name not in self.splits:
                 raise AssertionError("valid documents without a valid split")
-            prompts = batch.prompt_lengths
             if selected.all():  # no copy (one huge document is many tokens)
-                self.splits[name].add(batch.ids, batch.lengths, prompts)
+                self.splits[name].add(batch.ids, batch.lengths, given)
                 continue
             token_mask = np.repeat(selected, batch.lengths)
             self.splits[name].add(
                 batch.ids[token_mask],
                 batch.lengths[selected],
-                None if prompts is None else prompts[selected],
+                None if given is None else given[token_mask],
             )
         self.progress.update(
             len(batch.lengths), int(doc_ends[-1]) if len(doc_ends) else 0, batch.num_bytes
         )
 
-    def _hold(self, ids: np.ndarray, lengths: np.ndarray, prompts: np.ndarray | None) -> None:
+    def _hold(self, ids: np.ndarray, lengths: np.ndarray, given: np.ndarray | None) -> None:
         if not len(lengths):
             return
-        self.held.append((ids, lengths, prompts))
+        self.held.append((ids, lengths, given))
         self.held_docs += len(lengths)
         excess = self.held_docs - self.valid_last
         while excess > 0:
-            first_ids, first_lengths, first_prompts = self.held[0]
+            first_ids, first_lengths, first_given = self.held[0]
             if len(first_lengths) <= excess:
                 self.held.popleft()
-                self.splits["train"].add(first_ids, first_lengths, first_prompts)
+                self.splits["train"].add(first_ids, first_lengths, first_given)
                 self.held_docs -= len(first_lengths)
                 excess -= len(first_lengths)
             else:
                 cut = int(first_lengths[:excess].sum())
-                head, tail = _cut(first_prompts, excess)
+                head, tail = _cut(first_given, cut)
                 self.splits["train"].add(first_ids[:cut], first_lengths[:excess], head)
                 self.held[0] = (first_ids[cut:], first_lengths[excess:], tail)
                 self.held_docs -= excess
@@ -751,8 +778,8 @@ class _Consumer:
         self.held_docs = 0
 
 
-def _cut(prompts: np.ndarray | None, n: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-    return (None, None) if prompts is None else (prompts[:n], prompts[n:])
+def _cut(given: np.ndarray | None, n: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    return (None, None) if given is None else (given[:n], given[n:])
 
 
 # --------------------------------------------------------------------------------------------
@@ -828,6 +855,19 @@ def _add_processing_arguments(p: argparse.ArgumentParser) -> None:
         help="the response field of prompt/response records (default: response)",
     )
     p.add_argument(
+        "--ids-key",
+        metavar="FIELD",
+        help="pre-tokenized JSONL records (e.g. tools/make_puzzles.py's: --ids-key tokens): the field "
+        "of the token ids, written as they are (no tokenizing); needs --layout padded",
+    )
+    p.add_argument(
+        "--cond-key",
+        metavar="FIELD",
+        default="cond",
+        help="pre-tokenized records: the field of 0/1 per id, 1 = given (conditioned, never "
+        "masked; default: cond)",
+    )
+    p.add_argument(
         "--text-mode",
         choices=TEXT_MODES,
         default="file",
@@ -875,7 +915,7 @@ def main(argv: list[str] | None = None, *, description: str | None = None) -> in
 _SAME_NAMES = (
     "tokenizer", "seq_length", "layout", "workers", "valid_fraction", "json_key", "text_mode",
     "shard_size_mb", "skip_bad", "seed", "frame_chunks", "overwrite", "prompt_key",
-    "response_key",
+    "response_key", "ids_key", "cond_key",
 )  # fmt: skip
 
 

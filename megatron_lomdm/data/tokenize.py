@@ -65,7 +65,7 @@ TEXT_MODES = ("file", "line")
 #: the others are benign and only counted.
 ERROR_REASONS = (
     "malformed_json", "missing_field", "field_not_string", "undecodable", "empty_response",
-    "prompt_too_long",
+    "prompt_too_long", "bad_ids", "bad_cond", "record_too_long", "nothing_to_generate",
 )  # fmt: skip
 BENIGN_REASONS = ("blank_line", "empty_text")
 
@@ -848,6 +848,8 @@ class EncodedBatch:
         rejected: ``(line, reason, detail)`` for every record that gave no document.
         prompt_lengths: per good document, the tokens of its prompt (the first ids of the
             document); ``None`` unless the records are prompt/response pairs.
+        given: per id of ``ids``, whether it is given (conditioned); ``None`` unless the records
+            are pre-tokenized.
     """
 
     file_index: int
@@ -857,6 +859,44 @@ class EncodedBatch:
     num_bytes: int
     rejected: list[tuple[int, str, str]]
     prompt_lengths: np.ndarray | None = None
+    given: np.ndarray | None = None
+
+
+def decode_pretokenized_record(raw: bytes, *, ids_key: str, cond_key: str, vocab_size: int,
+                               max_tokens: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """One pre-tokenized JSONL record -> ``(ids int32, given bool)``.
+
+    Raises:
+        BadRecord: as ``decode_record``; ``bad_ids`` (not a non-empty list of ids in
+            [0, vocab_size)), ``bad_cond`` (not a list of 0/1 as long as the ids),
+            ``record_too_long`` (more than ``max_tokens`` ids: a pre-tokenized record is never
+            truncated) or ``nothing_to_generate`` (every id given).
+    """
+    try:
+        line = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as err:
+        raise BadRecord(
+            "undecodable", f"invalid UTF-8 byte 0x{raw[err.start]:02x} at byte {err.start}"
+        ) from None
+    obj = _json_object(line)
+    for key in (ids_key, cond_key):
+        if not isinstance(obj, dict) or key not in obj:
+            raise BadRecord("missing_field", f"no field {key!r} in the JSON record")
+    ids, cond = obj[ids_key], obj[cond_key]
+    if (not isinstance(ids, list) or not ids
+            or not all(type(i) is int and 0 <= i < vocab_size for i in ids)):
+        raise BadRecord("bad_ids", f"field {ids_key!r} is not a non-empty list of token ids in "
+                        f"[0, {vocab_size})")
+    if (not isinstance(cond, list) or len(cond) != len(ids)
+            or not all(c in (0, 1) and type(c) in (int, bool) for c in cond)):
+        raise BadRecord("bad_cond", f"field {cond_key!r} is not a list of {len(ids)} 0/1 values "
+                        f"(one per id of {ids_key!r})")
+    if max_tokens is not None and len(ids) > max_tokens:
+        raise BadRecord("record_too_long", f"the record has {len(ids)} ids; a row leaves room for "
+                        f"{max_tokens} (pre-tokenized records are not truncated)")
+    if all(cond):
+        raise BadRecord("nothing_to_generate", f"every id is given ({cond_key!r} is all 1)")
+    return np.asarray(ids, dtype=np.int32), np.asarray(cond, dtype=bool)
 
 
 #: Documents longer than this (characters) are tokenized in chunks of at most this size, so
@@ -887,12 +927,16 @@ class DocumentEncoder:
         chunk_chars: int = DOCUMENT_CHUNK_CHARS,
         prompt_key: str | None = None,
         max_prompt_tokens: int | None = None,
+        pretokenized: tuple[str, str, int | None] | None = None,
     ) -> None:
         """With ``prompt_key`` the records are JSONL prompt/response pairs (``json_key`` is the
-        response field); a prompt of more than ``max_prompt_tokens`` ids is a bad record."""
+        response field); a prompt of more than ``max_prompt_tokens`` ids is a bad record. With
+        ``pretokenized = (ids_key, cond_key, max_tokens)`` they are pre-tokenized records
+        (``decode_pretokenized_record``), not tokenized."""
         from tokenizers import Tokenizer
 
         self.prompt_key, self.max_prompt_tokens = prompt_key, max_prompt_tokens
+        self.pretokenized = pretokenized
         self.chunk_chars = chunk_chars
         if detokenizer is not None and detokenizer not in DETOKENIZERS:
             raise ValueError(
@@ -988,6 +1032,8 @@ class DocumentEncoder:
         """
         if self.prompt_key is not None:
             return self._encode_pairs(file_index, records)
+        if self.pretokenized is not None:
+            return self._encode_pretokenized(file_index, records)
         texts: list[str] = []
         rejected: list[tuple[int, str, str]] = []
         for line, raw in records:
@@ -1010,6 +1056,28 @@ class DocumentEncoder:
             rejected=rejected,
         )
 
+
+    def _encode_pretokenized(self, file_index: int, records: list[tuple[int, Any]]) -> EncodedBatch:
+        """``encode`` for pre-tokenized records: their ids and given flags as they are."""
+        assert self.pretokenized is not None
+        ids_key, cond_key, max_tokens = self.pretokenized
+        docs: list[tuple[np.ndarray, np.ndarray]] = []
+        rejected: list[tuple[int, str, str]] = []
+        for line, raw in records:
+            try:
+                docs.append(decode_pretokenized_record(raw, ids_key=ids_key, cond_key=cond_key,
+                                                       vocab_size=self.vocab_size, max_tokens=max_tokens))
+            except BadRecord as bad:
+                rejected.append((line + bad.line_offset, bad.reason, bad.detail))
+        return EncodedBatch(
+            file_index=file_index,
+            ids=np.concatenate([d[0] for d in docs]) if docs else np.zeros(0, np.int32),
+            lengths=np.array([len(d[0]) for d in docs], dtype=np.int64),
+            to_valid=np.array([self.in_valid(" ".join(map(str, d[0].tolist()))) for d in docs], bool),
+            num_bytes=sum(len(raw) for _, raw in records if isinstance(raw, bytes)),
+            rejected=rejected,
+            given=np.concatenate([d[1] for d in docs]) if docs else np.zeros(0, bool),
+        )
 
     def _pair(self, raw: bytes) -> tuple[str, str]:
         """The (detokenized) prompt and response of one record; ``BadRecord`` when bad."""
@@ -1062,6 +1130,7 @@ def init_worker(
     detokenizer: str | None = None,
     prompt_key: str | None = None,
     max_prompt_tokens: int | None = None,
+    pretokenized: tuple[str, str, int | None] | None = None,
 ) -> None:
     """Pool initializer: build this worker's encoder (single-threaded Rust tokenizer)."""
     global _WORKER_ENCODER
@@ -1074,6 +1143,7 @@ def init_worker(
         detokenizer=detokenizer,
         prompt_key=prompt_key,
         max_prompt_tokens=max_prompt_tokens,
+        pretokenized=pretokenized,
     )
 
 

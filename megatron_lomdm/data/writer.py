@@ -214,10 +214,8 @@ class Packer:
         self.content = writer.seq_length - len(self.frame)
         self.carry = np.zeros(0, dtype=np.int64)
 
-    def add(
-        self, ids: np.ndarray, lengths: np.ndarray, prompt_lengths: np.ndarray | None = None
-    ) -> None:
-        if prompt_lengths is not None:
+    def add(self, ids: np.ndarray, lengths: np.ndarray, given: np.ndarray | None = None) -> None:
+        if given is not None:
             raise ValueError(CONDITIONING_NEEDS_PADDED)
         stream, _ = _frame_documents(ids, lengths, self.doc_prefix, self.doc_suffix)
         self.writer.num_documents += len(lengths)
@@ -251,9 +249,11 @@ class Packer:
 class Padder:
     """``padded`` layout: one document per row, truncated (keeping EOS) and padded.
 
-    With ``prompt_lengths`` (conditioned records: ids = prompt + response), ``[BOS]`` and the
-    prompt's ids are the row's conditioned positions; the caller guarantees that a prompt leaves
-    room for at least one response token (``max_prompt_tokens``).
+    With ``given`` (conditioned records: one bool per id, True at a given token: the prompt of a
+    prompt/response record, the ``cond`` of a pre-tokenized one), ``[BOS]`` and the given ids are
+    the row's conditioned positions; ``[EOS]`` is not (it is generated, as a response's end). The
+    caller guarantees that a record's given ids fit in the row (``max_prompt_tokens``) and that
+    it keeps a free id.
     """
 
     def __init__(self, writer: SplitWriter, *, bos_id: int | None, eos_id: int) -> None:
@@ -267,9 +267,7 @@ class Padder:
         """The longest prompt that leaves one response token and EOS in a row."""
         return self.room - 1
 
-    def add(
-        self, ids: np.ndarray, lengths: np.ndarray, prompt_lengths: np.ndarray | None = None
-    ) -> None:
+    def add(self, ids: np.ndarray, lengths: np.ndarray, given: np.ndarray | None = None) -> None:
         n, seq_length = len(lengths), self.writer.seq_length
         rows = np.full((n, seq_length), self.writer.pad_id, dtype=np.int64)
         kept = np.minimum(lengths, self.room)
@@ -283,10 +281,14 @@ class Padder:
         self.writer.num_documents += n
         self.writer.num_truncated += int((lengths > self.room).sum())
         cond = None
-        if prompt_lengths is not None:
-            if (prompt_lengths > self.max_prompt_tokens).any() or (prompt_lengths >= lengths).any():
-                raise AssertionError("a prompt longer than the row reached the layout")
-            cond = np.arange(seq_length)[None, :] < (p + prompt_lengths)[:, None]
+        if given is not None:
+            cond = np.zeros((n, seq_length), dtype=bool)
+            cond[:, :p] = True
+            for i in range(n):
+                doc = given[offsets[i] : offsets[i] + lengths[i]]
+                if doc[kept[i] :].any() or doc[: kept[i]].all():
+                    raise AssertionError("a record's given tokens do not fit the row")
+                cond[i, p : p + kept[i]] = doc[: kept[i]]
         self.writer.add_rows(rows, (p + kept + 1).astype(np.int32), cond)
 
     def finish(self) -> None:

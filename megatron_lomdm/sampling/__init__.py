@@ -16,6 +16,7 @@ from typing import Any
 
 from megatron_lomdm.sampling.adaptive import (
     EntropyBoundSampler,
+    LoMDMTopMarginSampler,
     TopMarginSampler,
     TopProbSampler,
     entropy_bound_select,
@@ -33,6 +34,7 @@ from megatron_lomdm.sampling.base import (
     confidence,
     denoiser_from_backbone,
     gumbel_argmax,
+    gumbel_noise,
     reverse_schedule,
     sampling_log_probs,
 )
@@ -47,6 +49,7 @@ from megatron_lomdm.sampling.metrics import (
     velocity_confidence_corr,
 )
 from megatron_lomdm.sampling.record import batch_seed, sampler_record
+from megatron_lomdm.sampling.remask import RemaskSampler
 
 SAMPLERS: dict[str, type[Sampler]] = {
     cls.name: cls
@@ -56,6 +59,8 @@ SAMPLERS: dict[str, type[Sampler]] = {
         MDLMCacheSampler,
         TopProbSampler,
         TopMarginSampler,
+        LoMDMTopMarginSampler,
+        RemaskSampler,
         EntropyBoundSampler,
     )
 }
@@ -88,10 +93,12 @@ def build_sampler(name: str, **opts: Any) -> Sampler:
 
 def sampler_options(name: str, *, mask_id: int, family: Any, steps: int | None, grid: GridSpec | None = None,
                     temperature: float = 1.0, top_p: float = 1.0, use_cache: bool = True,
-                    gamma: float | None = None) -> dict[str, Any]:
+                    gamma: float | None = None, noise_scale: float | None = None,
+                    checks: int | None = None, drop: float | None = None) -> dict[str, Any]:
     """The keyword options ``build_sampler(name, ...)`` gets for a model of ``family``.
 
-    Options a sampler does not take are left out (``entropy_bound`` has no steps or grid;
+    Options a sampler does not take are left out (``entropy_bound`` has no steps or grid; only
+    the top-K samplers take ``noise_scale``, only ``remask`` ``checks`` and ``drop``;
     ``mdlm_cache`` is MDLM's alpha = 1 - t whatever the family); ``family=`` is passed wherever
     accepted so context-free families supply their reverse schedule.
 
@@ -108,8 +115,9 @@ def sampler_options(name: str, *, mask_id: int, family: Any, steps: int | None, 
         opts["grid"] = grid
     if "family" in accepted:
         opts["family"] = family
-    if "gamma" in accepted and gamma is not None:
-        opts["gamma"] = gamma
+    for key, value in (("gamma", gamma), ("noise_scale", noise_scale), ("checks", checks), ("drop", drop)):
+        if key in accepted and value is not None:
+            opts[key] = value
     return opts
 
 
@@ -121,6 +129,8 @@ __all__ = [
     "EntropyBoundSampler",
     "ExactSampler",
     "FamilyReverse",
+    "LoMDMTopMarginSampler",
+    "RemaskSampler",
     "GridSpec",
     "MDLMCacheSampler",
     "PowerReverse",
@@ -138,6 +148,7 @@ __all__ = [
     "entropy_bound_select",
     "gen_ppl",
     "gumbel_argmax",
+    "gumbel_noise",
     "order_heatmap",
     "order_kendall_tau",
     "reverse_schedule",

@@ -9,7 +9,18 @@ C_k = round(sum_{i masked} alpha_R^(i)(t_k)) the planned cumulative count (C_T =
     K_k = min(remaining, max(1, C_{k+1} - done)),
 
 so at least one token is unmasked per call while masks remain, the plan self-corrects,
-the counts sum to M, and the last step fills everything.
+the counts sum to M, and the last step fills everything. ``noise_scale`` > 0 adds
+``noise_scale * G`` (G standard Gumbel, one per masked position and step, from the sampler's
+generator) to the selection score, as Kim et al. do (0.5 in their Sudoku runs); at 0 no noise is
+drawn and the selection is deterministic given the logits.
+
+``lomdm_top_margin`` (a learned-order model's reverse scheduler with the margin oracle): at step
+k (t = t_k to s = t_{k+1}) the denoiser's reverse exponents give every masked position its
+unmask probability p_i = 1 - (s/t)^{e_R,i} (what ``ancestral`` would use). How many: K =
+min(remaining, max(1, round(sum_{i masked} p_i))), the learned schedule's expected count for this
+step (the last step fills everything). Which: the K largest scores log p_i + log margin_i (the
+learned scheduler's wish to unmask i now times the denoiser's confidence), plus the Gumbel noise
+when ``noise_scale`` > 0. With equal exponents it is ``top_margin`` on the same schedule.
 
 ``entropy_bound`` (Ben-Hamu et al. 2025; method.md §5.5): sort the masked positions by the
 entropy H of their sampling law (ascending) and accept the largest prefix U with
@@ -29,12 +40,20 @@ Shape legend:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from megatron_lomdm.diffusion.base import DiffusionFamily
-from megatron_lomdm.sampling.base import Sampler, SamplingRun, reverse_schedule
+from megatron_lomdm.sampling.base import (
+    DenoiserOutput,
+    Sampler,
+    SamplingRun,
+    gumbel_noise,
+    power_unmask_prob,
+    reverse_schedule,
+)
 from megatron_lomdm.sampling.grids import GridLike, resolve_grid
 
 
@@ -78,6 +97,13 @@ def entropy_bound_select(entropy_BL: Tensor, candidate_BL: Tensor, gamma: float)
     return torch.zeros_like(candidate_BL).scatter_(1, order_BL, accept_sorted_BL)
 
 
+class _Plan(NamedTuple):
+    """The context-free plan of a top-K run: initially masked counts (B,), C_k (T + 1, B)."""
+
+    total_B: Tensor
+    counts_T1B: Tensor
+
+
 class _TopKOracle(Sampler):
     """Shared T-step loop of the top-K oracles; subclasses pick the confidence."""
 
@@ -94,6 +120,7 @@ class _TopKOracle(Sampler):
         temperature: float = 1.0,
         top_p: float = 1.0,
         use_cache: bool = True,
+        noise_scale: float = 0.0,
     ) -> None:
         """Configure the sampler.
 
@@ -107,9 +134,16 @@ class _TopKOracle(Sampler):
             temperature: Softmax temperature, > 0.
             top_p: Nucleus mass in (0, 1].
             use_cache: Skip the call when no token changed (never happens here).
+            noise_scale: Scale of the Gumbel noise added to the selection score, >= 0.
+
+        Raises:
+            ValueError: If noise_scale < 0.
         """
         super().__init__(mask_id=mask_id, temperature=temperature, top_p=top_p,
                          use_cache=use_cache)
+        if not noise_scale >= 0:
+            raise ValueError(f"noise_scale must be >= 0, got {noise_scale}")
+        self.noise_scale = float(noise_scale)
         self.grid_T1 = resolve_grid(grid, num_steps, 0.0)
         self.num_steps = self.grid_T1.numel() - 1
         if family is None and exponent is None:
@@ -127,26 +161,43 @@ class _TopKOracle(Sampler):
         counts_T1B[-1] = masked_BL.sum(-1)
         return torch.minimum(counts_T1B, counts_T1B[-1])
 
+    def _count_B(self, out: DenoiserOutput, masked_BL: Tensor, k: int, plan: _Plan) -> Tensor:
+        """K_k per row: the planned cumulative count minus what is done (>= 1); all at the end."""
+        remaining_B = masked_BL.sum(-1)
+        if k == self.num_steps - 1:
+            return remaining_B
+        done_B = plan.total_B - remaining_B
+        return torch.minimum((plan.counts_T1B[k + 1] - done_B).clamp_min(1), remaining_B)
+
+    def _score_BL(self, run: SamplingRun, out: DenoiserOutput, masked_BL: Tensor, k: int) -> Tensor:
+        """The selection score of each masked position (noise included), fp64 (B, L)."""
+        score_BL = self._confidence_BL(out, masked_BL, self.confidence_kind)
+        return self._add_noise(run, score_BL)
+
+    def _add_noise(self, run: SamplingRun, score_BL: Tensor) -> Tensor:
+        if self.noise_scale == 0:
+            return score_BL
+        return score_BL + self.noise_scale * gumbel_noise(score_BL.shape, score_BL.device, run.generator)
+
     def _run(self, run: SamplingRun) -> Tensor:
-        """T steps of top-K selection by confidence."""
+        """T steps of top-K selection by the score."""
         masked_BL = run.masked_BL()
-        total_B = masked_BL.sum(-1)
-        counts_T1B = self.planned_counts(masked_BL)
+        plan = _Plan(masked_BL.sum(-1), self.planned_counts(masked_BL))
         for k in range(self.num_steps):
             if not bool(masked_BL.any()):
                 break
             run.num_steps += 1
             out = run.output()
-            remaining_B = masked_BL.sum(-1)
-            if k == self.num_steps - 1:
-                k_B = remaining_B
-            else:
-                k_B = torch.minimum((counts_T1B[k + 1] - (total_B - remaining_B)).clamp_min(1),
-                                    remaining_B)
-            score_BL = self._confidence_BL(out, masked_BL, self.confidence_kind)
+            k_B = self._count_B(out, masked_BL, k, plan)
+            score_BL = self._score_BL(run, out, masked_BL, k)
             self._draw_and_commit(run, out, select_top_k(score_BL, masked_BL, k_B), k)
             masked_BL = run.masked_BL()
         return self.grid_T1
+
+    def extra_repr(self) -> str:
+        """Options, for logging."""
+        return f"{super().extra_repr()}, num_steps={self.num_steps}, noise_scale={self.noise_scale}"
+
 
 
 class TopProbSampler(_TopKOracle):
@@ -161,6 +212,32 @@ class TopMarginSampler(_TopKOracle):
 
     name = "top_margin"
     confidence_kind = "margin_N"
+
+
+class LoMDMTopMarginSampler(TopMarginSampler):
+    """The learned reverse scheduler's count and wish, ranked by margin (``lomdm_top_margin``)."""
+
+    name = "lomdm_top_margin"
+
+    def _unmask_prob_BL(self, out: DenoiserOutput, masked_BL: Tensor, k: int) -> Tensor:
+        """p_i = 1 - (s/t)^{e_R,i} of this step, fp64 (B, L) (0 outside the masked positions)."""
+        t, s = float(self.grid_T1[k]), float(self.grid_T1[k + 1])
+        p_BL = power_unmask_prob(self._exponents_BL(out, self.reverse, masked_BL), t, s)
+        return torch.where(masked_BL, p_BL, 0.0)
+
+    def _count_B(self, out: DenoiserOutput, masked_BL: Tensor, k: int, plan: _Plan) -> Tensor:
+        remaining_B = masked_BL.sum(-1)
+        if k == self.num_steps - 1:
+            return remaining_B
+        expected_B = self._unmask_prob_BL(out, masked_BL, k).sum(-1)
+        return torch.minimum(torch.round(expected_B).long().clamp_min(1), remaining_B)
+
+    def _score_BL(self, run: SamplingRun, out: DenoiserOutput, masked_BL: Tensor, k: int) -> Tensor:
+        margin_BL = self._confidence_BL(out, masked_BL, "margin_N")
+        tiny = torch.finfo(torch.float64).tiny  # a zero margin stays finite: ranked last, still selectable
+        p_BL = self._unmask_prob_BL(out, masked_BL, k)
+        score_BL = torch.log(p_BL.clamp_min(tiny)) + torch.log(margin_BL.clamp_min(tiny))
+        return self._add_noise(run, score_BL)
 
 
 class EntropyBoundSampler(Sampler):

@@ -92,6 +92,7 @@ class SampleResult:
         grid: The time grid used, (T + 1,) fp64, for grid samplers; (B, S + 1) event times
             for ``exact``; None for ``entropy_bound``.
         num_steps: Steps executed (steps that started with at least one [MASK]).
+        num_remasked: Decoded tokens masked again (``remask``; 0 for every other sampler).
     """
 
     tokens_BL: Tensor
@@ -99,6 +100,7 @@ class SampleResult:
     unmask_step_BL: Tensor
     grid: Tensor | None
     num_steps: int
+    num_remasked: int = 0
 
 
 class Confidence(NamedTuple):
@@ -143,6 +145,13 @@ def sampling_log_probs(
     return torch.log_softmax(logp_NV.masked_fill(drop_NV, -math.inf), dim=-1)
 
 
+def gumbel_noise(shape: torch.Size | tuple[int, ...], device: torch.device | str,
+                 generator: torch.Generator | None) -> Tensor:
+    """Standard Gumbel draws -log(-log U), fp64, of ``shape``."""
+    u = torch.rand(shape, dtype=_F64, device=device, generator=generator)
+    return -torch.log(-torch.log(u.clamp_min(torch.finfo(_F64).tiny)))
+
+
 def gumbel_argmax(logp_NV: Tensor, generator: torch.Generator | None) -> Tensor:
     """One categorical draw per row by Gumbel-max, in fp64.
 
@@ -153,8 +162,7 @@ def gumbel_argmax(logp_NV: Tensor, generator: torch.Generator | None) -> Tensor:
     Returns:
         Token ids, int64, (N,).
     """
-    u_NV = torch.rand(logp_NV.shape, dtype=_F64, device=logp_NV.device, generator=generator)
-    gumbel_NV = -torch.log(-torch.log(u_NV.clamp_min(torch.finfo(_F64).tiny)))
+    gumbel_NV = gumbel_noise(logp_NV.shape, logp_NV.device, generator)
     return torch.argmax(logp_NV.to(_F64) + gumbel_NV, dim=-1)
 
 
@@ -321,6 +329,7 @@ class SamplingRun:
         self.unmask_step_BL = torch.full_like(z_BL, -1, dtype=torch.int64)
         self.num_calls = 0
         self.num_steps = 0
+        self.num_remasked = 0
         self._out: DenoiserOutput | None = None
 
     def masked_BL(self) -> Tensor:
@@ -343,6 +352,23 @@ class SamplingRun:
         assert bool((self.z_BL[select_BL] == self.mask_id).all()), "only masks are written"
         self.z_BL[select_BL] = tokens_N.to(self.z_BL.dtype)
         self.unmask_step_BL[select_BL] = step
+        self._out = None
+
+    def remask(self, select_BL: Tensor) -> Tensor:
+        """Mask the selected (unmasked) positions again; returns their tokens, row-major (N,).
+
+        The caller must never select a fixed (prompt) position; ``restore`` puts tokens back.
+        """
+        assert not bool((self.z_BL[select_BL] == self.mask_id).any()), "only tokens are remasked"
+        held_N = self.z_BL[select_BL].clone()
+        self.z_BL[select_BL] = self.mask_id
+        self._out = None
+        return held_N
+
+    def restore(self, select_BL: Tensor, tokens_N: Tensor) -> None:
+        """Put remasked tokens back at the selected positions (their unmask step is kept)."""
+        assert bool((self.z_BL[select_BL] == self.mask_id).all()), "only masks are restored"
+        self.z_BL[select_BL] = tokens_N.to(self.z_BL.dtype)
         self._out = None
 
 
@@ -447,6 +473,7 @@ class Sampler(abc.ABC):
             unmask_step_BL=run.unmask_step_BL,
             grid=grid,
             num_steps=run.num_steps,
+            num_remasked=run.num_remasked,
         )
 
     @abc.abstractmethod

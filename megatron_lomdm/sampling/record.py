@@ -26,8 +26,9 @@ def sampler_record(name: str, sampler: Sampler, *, steps: int | None, grid: Grid
             "first": float(grid_T1[0]), "last": float(grid_T1[-1]), "points": int(grid_T1.numel()),
             "sha256": hashlib.sha256(grid_T1.double().numpy().tobytes()).hexdigest()},
     }
-    if hasattr(sampler, "gamma"):
-        rec["gamma"] = sampler.gamma
+    for key in ("gamma", "noise_scale", "checks", "drop"):
+        if hasattr(sampler, key):
+            rec[key] = getattr(sampler, key)
     if hasattr(sampler, "noise_removal"):
         rec["noise_removal"] = sampler.noise_removal
     return rec

@@ -18,7 +18,7 @@ import pytest
 from megatron_lomdm.data.loader import ShardLoader
 from tests.helpers.runs import ROOT, clean_env, train
 
-SAMPLERS = ("ancestral", "exact", "mdlm_cache", "top_prob", "top_margin", "entropy_bound")
+SAMPLERS = ("ancestral", "exact", "mdlm_cache", "top_prob", "top_margin", "lomdm_top_margin", "remask", "entropy_bound")
 TRUE_VOCAB = 512  # the tiny tokenizer's model_vocab_size (tests/conftest.py)
 MASK_ID = 3
 

@@ -73,3 +73,12 @@ def test_sample_prompts_errors() -> None:
     with pytest.raises(ValueError, match="nothing left to generate"):
         sample_prompts(1, L, prompts=[[1] * L])
     assert sample_prompts(2, L, prefix_ids=[3]) == [[3], [3]] and sample_prompts(2, L) is None
+
+
+def test_in_place_prompts_fix_only_their_non_mask_tokens() -> None:
+    rows = sample_prompts(2, L, prompts=[[1, MASK, 2] + [MASK] * (L - 3), [4]], mask_id=MASK)
+    prompt_BL, fixed_BL = prompt_batch(rows, L, MASK)
+    assert fixed_BL[0].tolist() == [True, False, True] + [False] * (L - 3)
+    assert fixed_BL[1].tolist() == [True] + [False] * (L - 1)
+    with pytest.raises(ValueError, match="nothing left to generate"):
+        sample_prompts(1, L, prompts=[[1] * L], mask_id=MASK)

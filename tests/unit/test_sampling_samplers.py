@@ -80,6 +80,8 @@ SAMPLER_OPTS = {
     "mdlm_cache": {"num_steps": 6},
     "top_prob": {"num_steps": 4},
     "top_margin": {"num_steps": 4},
+    "lomdm_top_margin": {"num_steps": 4},
+    "remask": {"num_steps": 6, "checks": 2, "drop": 0.9},
     "entropy_bound": {"gamma": 1.0},
 }
 
