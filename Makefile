@@ -33,9 +33,10 @@ $(STAMP): $(PINS) setup.py
 demo: setup
 	$(PY) tools/demo.py
 
-# two workers, one test file per worker at a time (module fixtures stay shared): 9.6 min vs 14.9 serial
-# on the 2-core box; PYTEST_WORKERS=0 runs serially
-PYTEST_WORKERS ?= 2
+# three workers on the 2-core box, one test file per worker at a time (module fixtures stay shared):
+# much of the suite waits (Slurm scheduling, MLflow and Chromium start-up, torchrun rendezvous), and a
+# third worker fills those waits (README.md, Development: the measured times); PYTEST_WORKERS=0 runs serially
+PYTEST_WORKERS ?= 3
 test: setup
 	$(PY) -m pytest tests $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 
