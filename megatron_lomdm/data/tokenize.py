@@ -415,6 +415,18 @@ def _json_object(line: str) -> Any:
         ) from None
 
 
+def _json_line_object(raw: bytes) -> Any:
+    """One raw JSONL line decoded (a leading BOM dropped) and parsed; ``BadRecord`` as ``_json_object``
+    or ``undecodable``."""
+    try:
+        line = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as err:
+        raise BadRecord(
+            "undecodable", f"invalid UTF-8 byte 0x{raw[err.start]:02x} at byte {err.start}"
+        ) from None
+    return _json_object(line)
+
+
 def _json_field(obj: Any, json_key: str) -> str:
     """The string under ``json_key`` of a parsed record (``BadRecord`` as ``decode_record``)."""
     if not isinstance(obj, dict) or json_key not in obj:
@@ -440,13 +452,7 @@ def decode_prompt_record(raw: bytes, *, prompt_key: str, response_key: str) -> t
         BadRecord: as ``decode_record`` (``missing_field`` names the missing key), or
             ``empty_response``.
     """
-    try:
-        line = raw.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as err:
-        raise BadRecord(
-            "undecodable", f"invalid UTF-8 byte 0x{raw[err.start]:02x} at byte {err.start}"
-        ) from None
-    obj = _json_object(line)
+    obj = _json_line_object(raw)
     prompt, response = _json_field(obj, prompt_key), _json_field(obj, response_key)
     if not response.strip():
         raise BadRecord("empty_response", f"field {response_key!r} is empty")
@@ -872,13 +878,7 @@ def decode_pretokenized_record(raw: bytes, *, ids_key: str, cond_key: str, vocab
             ``record_too_long`` (more than ``max_tokens`` ids: a pre-tokenized record is never
             truncated) or ``nothing_to_generate`` (every id given).
     """
-    try:
-        line = raw.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as err:
-        raise BadRecord(
-            "undecodable", f"invalid UTF-8 byte 0x{raw[err.start]:02x} at byte {err.start}"
-        ) from None
-    obj = _json_object(line)
+    obj = _json_line_object(raw)
     for key in (ids_key, cond_key):
         if not isinstance(obj, dict) or key not in obj:
             raise BadRecord("missing_field", f"no field {key!r} in the JSON record")
