@@ -1059,7 +1059,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, overrides: Sequence[str] 
     Returns:
         The checkpoint folder written.
     """
-    from megatron_lomdm.config.load import config_from_dict, parse_dotlist, replace, save_config
+    from megatron_lomdm.config.load import config_from_dict, merge_dicts, parse_dotlist, replace, save_config
     from megatron_lomdm.data.shards import read_manifest
     from megatron_lomdm.training.build import build_run
 
@@ -1071,8 +1071,8 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, overrides: Sequence[str] 
     if (run_dir / "checkpoints" / "latest").exists():
         raise ValueError(f"{run_dir} already holds a checkpoint; import into a new run directory")
     data = native_config_dict_from_hf(hf_config)
-    data = _deep_merge(data, {"run": {"dir": str(run_dir)}})
-    cfg = config_from_dict(_deep_merge(data, parse_dotlist(list(overrides))))
+    data = merge_dicts(data, {"run": {"dir": str(run_dir)}})
+    cfg = config_from_dict(merge_dicts(data, parse_dotlist(list(overrides))))
     if not cfg.data.train:
         raise ValueError("pass data.train=DIR: shards tokenized with the export's tokenizer")
     try:
@@ -1094,16 +1094,6 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, overrides: Sequence[str] 
     folder = run.ckpt.root / f"step_{run.state.step:07d}"
     log.info("imported %s into %s (tp=%d, pp=%d)", hf_dir, folder, run.info.tp, run.info.pp)
     return folder
-
-
-def _deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def _load_into_run(run: Any, full: Mapping[str, torch.Tensor], vocab_size: int) -> None:

@@ -12,6 +12,7 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,12 @@ from megatron_lomdm.config.schema import Config
 _MAX_DEFAULTS_DEPTH = 16
 
 
-def _merge(base: dict, override: dict) -> dict:
-    """Recursive dict merge; `override` wins, nested dicts are merged key by key."""
+def merge_dicts(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; `override` wins, nested mappings are merged key by key."""
     out = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_dicts(out[key], value)
         else:
             out[key] = value
     return out
@@ -56,8 +57,8 @@ def read_yaml_with_defaults(path: str | Path, _depth: int = 0) -> dict:
     merged: dict = {}
     for entry in parents:
         parent = path.parent / (entry if str(entry).endswith(".yaml") else f"{entry}.yaml")
-        merged = _merge(merged, read_yaml_with_defaults(parent, _depth + 1))
-    return _merge(merged, raw)
+        merged = merge_dicts(merged, read_yaml_with_defaults(parent, _depth + 1))
+    return merge_dicts(merged, raw)
 
 
 def _type_name(tp: Any) -> str:
@@ -181,7 +182,7 @@ def config_from_dict(data: dict) -> Config:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Resolve a config: schema defaults < YAML file (+ its `defaults:`) < dotted CLI overrides."""
     data = read_yaml_with_defaults(path) if path is not None else {}
-    data = _merge(data, parse_dotlist(overrides or []))
+    data = merge_dicts(data, parse_dotlist(overrides or []))
     return config_from_dict(data)
 
 
@@ -207,4 +208,4 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def replace(cfg: Config, **sections: Any) -> Config:
     """A copy of `cfg` with fields replaced, e.g. `replace(cfg, model={"vocab_size": 512})`, re-validated."""
     data = config_to_dict(cfg)
-    return config_from_dict(_merge(data, sections))
+    return config_from_dict(merge_dicts(data, sections))
