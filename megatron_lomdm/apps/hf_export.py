@@ -70,6 +70,7 @@ from typing import Any
 
 import torch
 
+from megatron_lomdm.checkpoint.hf_code import NO_PROJECT_IMPORTS
 from megatron_lomdm.checkpoint.manager import CheckpointManager
 from megatron_lomdm.checkpoint.safe_load import check_checkpoint_folder, load_torch_file
 from megatron_lomdm.utils.finite import check_finite
@@ -836,16 +837,7 @@ class ExportVerificationError(AssertionError):
     """The reloaded export does not reproduce the native model."""
 
 
-_FRESH_PROCESS_SCRIPT = r"""
-import importlib.abc, sys
-
-class _NoProjectImports(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("megatron_lomdm", "megatron"):
-            raise ImportError(f"the export must not need {name}")
-        return None
-
-sys.meta_path.insert(0, _NoProjectImports())
+_FRESH_PROCESS_SCRIPT = NO_PROJECT_IMPORTS + r"""
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel

@@ -25,6 +25,20 @@ HF_MODELING = f"{PACKAGE_NAME}.checkpoint.hf_modeling"
 ENTRY = f"{HF_MODELING}.oemdm_math"
 """The module of ``hf_modeling`` whose imports name what the export ships."""
 
+NO_PROJECT_IMPORTS = f"""
+import importlib.abc, sys
+
+class _NoProjectImports(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("{PACKAGE_NAME}", "megatron"):
+            raise ImportError(f"the export must not need {{name}}")
+        return None
+
+sys.meta_path.insert(0, _NoProjectImports())
+"""
+"""The opening of a fresh-process script that proves an export loads without this package (or
+megatron): importing either raises ImportError."""
+
 
 def module_path(module: str) -> Path:
     """The source file of a project module (``megatron_lomdm.a.b`` -> ``<package>/a/b.py``).

@@ -90,16 +90,7 @@ def test_modeling_file_has_no_formula_copy_and_no_family_switch() -> None:
     assert not used & family_classes, f"modeling_lomdm.py names family classes: {used & family_classes}"
 
 
-_LOAD = r"""
-import importlib.abc, sys
-
-class _NoProjectImports(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("megatron_lomdm", "megatron"):
-            raise ImportError(f"the export must not need {name}")
-        return None
-
-sys.meta_path.insert(0, _NoProjectImports())
+_LOAD = hf_code.NO_PROJECT_IMPORTS + r"""
 sys.path.insert(0, sys.argv[1])
 import torch
 from exported.modeling_lomdm import LoMDMForMaskedDiffusion
