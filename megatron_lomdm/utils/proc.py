@@ -66,6 +66,9 @@ def quick_exit_gc() -> None:
     collections do not traverse it. Exit handlers (logging, MLflow, torch) still run and flush as
     before. What is skipped is only the collection of reference cycles at exit, which CPython never
     promises to finalize; every file this package writes is closed (or renamed into place) before
-    `main` returns. Call it at the start of a command's `main`."""
+    `main` returns. Call it at the start of a command's `main`. A caller that runs `main` in its
+    own interpreter (a test, a notebook) gets the same freeze at that interpreter's exit: its
+    reference cycles alive then are not collected, which only matters to finalizers that were
+    relying on shutdown's collection."""
     atexit.unregister(_freeze_heap)
     atexit.register(_freeze_heap)
