@@ -347,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if run_dir.exists():
             shutil.rmtree(run_dir)
+        train_cmd = train_command(name, steps[name], args, data, run_dir)
         chained = " && ".join(" ".join(f"'{c}'" for c in cmd) for cmd in
-                              [timed_command(run_dir / "time_train.json", train_command(name, steps[name], args, data, run_dir)),
+                              [timed_command(run_dir / "time_train.json", train_cmd),
                                timed_command(run_dir / "time_decode.json", decode_command(name, run_dir, data, args))])
         jobs.append((name, args.seed, ["bash", "-c", chained], run_dir))
     run_all(jobs, args.parallel)
@@ -372,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
              f"batch {args.batch}, {args.steps} steps (lomdm_eqc {steps['lomdm_eqc']}); {date}")
     plot(rows, [out / "puzzles_accuracy.png", ROOT / "bench" / "figures" / f"puzzles_accuracy_{date}.png"], title)
     if (runs.get("lomdm", {}).get("order") or {}).get("picture"):
-        shutil.copyfile(runs["lomdm"]["order"]["picture"], ROOT / "bench" / "figures" / f"puzzles_lomdm_order_{date}.png")
+        shutil.copyfile(runs["lomdm"]["order"]["picture"],
+                        ROOT / "bench" / "figures" / f"puzzles_lomdm_order_{date}.png")
     text = (f"# Puzzle benchmark\n\n`{cmdline}` — {elapsed / 60:.1f} min wall ({t_data / 60:.1f} min data), "
             f"{cpu / 60:.1f} min CPU (children), load average {load0} at the start, {os.getloadavg()[0]:.1f} at the "
             f"end\n\n{stage_table(stages)}\n\n{title}. Cells: whole-puzzle accuracy / cell accuracy (%) "
@@ -381,9 +383,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"order {json.dumps((r['order'] or {}).get('corr_exponent_candidates'))}" for n, r in runs.items())
             + "\n")
     (out / "puzzles.md").write_text(text)
-    (out / "puzzles.json").write_text(json.dumps({"rows": rows, "runs": runs, "args": vars(args), "flop_ratio": ratio,
-                                                  "wall_s": elapsed, "cpu_s": cpu, "stages": stages,
-                                                  "load_start": load0, "load_end": os.getloadavg()[0], "env": environment()}, indent=1) + "\n")
+    summary = {"rows": rows, "runs": runs, "args": vars(args), "flop_ratio": ratio, "wall_s": elapsed, "cpu_s": cpu,
+               "stages": stages, "load_start": load0, "load_end": os.getloadavg()[0], "env": environment()}
+    (out / "puzzles.json").write_text(json.dumps(summary, indent=1) + "\n")
     for name in args.variants:
         record(f"puzzles/sudoku/{name}", {"rows": [r for r in rows if r["model"] == name], **runs[name]})
     print(text)
