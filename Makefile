@@ -54,8 +54,8 @@ bench-order: setup
 	$(PY) bench/order_task.py
 
 # not in CI: Sudoku solved by MDLM and LoMDM with vanilla, oracle, learned-order and remasking
-# decoders at several T (bench/puzzles.py, docs/puzzles.md); measured 42 min wall / 51 CPU-min on the shared
-# 2-core box, the 30-min target not yet shown on quiet cores
+# decoders at several T (bench/puzzles.py, docs/puzzles.md); 500 steps: measured 19.4 min wall / 17.7 CPU-min
+# from a fresh clone on the shared 2-core box (load average 46 falling to 6), within the 30-min budget
 bench-puzzles: setup
 	$(PY) bench/puzzles.py
 

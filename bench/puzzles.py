@@ -22,14 +22,16 @@ top-probability-margin oracle. This benchmark measures, at CPU scale, on one gen
 
 Outputs under --out-dir (default bench/_work/puzzles): puzzles.md, puzzles.json, puzzles_accuracy.png;
 per run RUN/decode.json and, for LoMDM runs, RUN/order/puzzle_order.png (also logged to the run's
-MLflow run when it is tracked); bench/figures/puzzles_accuracy_<date>.png; one JSON line per run in
-bench/results.jsonl.
+MLflow run when it is tracked); bench/figures/puzzles_accuracy_<date>.png and
+puzzles_lomdm_order_<date>.png; one JSON line per run in bench/results.jsonl. Wall and CPU seconds of every stage
+(generation, preprocessing, each run's training and decoding) go into puzzles.md and puzzles.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -57,21 +59,35 @@ DECODERS: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
 NUM_CELLS = 81
 
 
-def make_data(args: argparse.Namespace, out: Path) -> Path:
-    """Puzzles and their in-place shards (kept between runs of the same settings)."""
+def timed(cmd: list[str], path: Path | None = None) -> dict[str, float]:
+    """Run `cmd` to completion (raising on failure); its wall and CPU seconds (user + system of it and
+    its children), written to `path` as JSON when given."""
+    t0, ru0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(cmd, cwd=ROOT, check=True, stderr=subprocess.DEVNULL if path is None else None)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cost = {"wall_s": round(time.time() - t0, 1),
+            "cpu_s": round(ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime, 1)}
+    if path is not None:
+        path.write_text(json.dumps(cost) + "\n")
+    return cost
+
+
+def make_data(args: argparse.Namespace, out: Path) -> tuple[Path, dict[str, dict[str, float]]]:
+    """Puzzles and their in-place shards (kept between runs of the same settings), and what each stage
+    cost here (empty for a stage whose output was already there)."""
     d = Path(args.data_dir) if args.data_dir else out / f"sudoku_g{args.givens.replace(':', '-')}_n{args.train}_s{args.data_seed}"
+    stages: dict[str, dict[str, float]] = {}
     if not (d / "shards" / "manifest.json").exists():
         if not (d / "manifest.json").exists():
-            subprocess.run([sys.executable, "tools/make_puzzles.py", "sudoku", "--out", str(d), "--train",
-                            str(args.train), "--valid", str(args.valid), "--test", str(args.test), "--givens",
-                            args.givens, "--seed", str(args.data_seed), "--force"], cwd=ROOT, check=True,
-                           stderr=subprocess.DEVNULL)
-        subprocess.run([sys.executable, "tools/preprocess_data.py", "--input", str(d / "train.jsonl"),
-                        str(d / "valid.jsonl"), "--tokenizer", str(d / "tokenizer"), "--seq-length", "83",
-                        "--layout", "padded", "--ids-key", "tokens", "--valid-last-docs", str(args.valid),
-                        "--workers", "0", "--no-progress", "--overwrite", "--output-dir", str(d / "shards")],
-                       cwd=ROOT, check=True, stderr=subprocess.DEVNULL)
-    return d
+            stages["generate"] = timed([sys.executable, "tools/make_puzzles.py", "sudoku", "--out", str(d), "--train",
+                                        str(args.train), "--valid", str(args.valid), "--test", str(args.test),
+                                        "--givens", args.givens, "--seed", str(args.data_seed), "--force"])
+        stages["preprocess"] = timed([sys.executable, "tools/preprocess_data.py", "--input", str(d / "train.jsonl"),
+                                      str(d / "valid.jsonl"), "--tokenizer", str(d / "tokenizer"), "--seq-length", "83",
+                                      "--layout", "padded", "--ids-key", "tokens", "--valid-last-docs", str(args.valid),
+                                      "--workers", "0", "--no-progress", "--overwrite", "--output-dir",
+                                      str(d / "shards")])
+    return d, stages
 
 
 def flop_ratio(args: argparse.Namespace) -> float:
@@ -96,6 +112,11 @@ def decode_command(name: str, run_dir: Path, data: Path, args: argparse.Namespac
     return [sys.executable, "bench/puzzles.py", "--decode", str(run_dir), "--decode-model", name,
             "--decode-data", str(data), "--grid", *map(str, args.grid), "--max-puzzles", str(args.test),
             "--seed", str(args.seed), *(["--decoders", *args.decoders] if args.decoders else [])]
+
+
+def timed_command(path: Path, cmd: list[str]) -> list[str]:
+    """`cmd` run through `bench/puzzles.py --timed PATH -- ...`, which writes its wall and CPU seconds."""
+    return [sys.executable, "bench/puzzles.py", "--timed", str(path), "--", *cmd]
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,17 +290,28 @@ def plot(rows: list[dict[str, Any]], paths: list[Path], title: str) -> None:
     plt.close(fig)
 
 
+def stage_table(stages: dict[str, dict[str, float]]) -> str:
+    """| stage | wall | CPU | for the data stages and each run's training and decoding."""
+    lines = ["| stage | wall (s) | CPU (s) |", "|---|---|---|"]
+    lines += [f"| {name} | {c['wall_s']:.0f} | {c['cpu_s']:.0f} |" for name, c in stages.items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--timed"] and argv[2:3] == ["--"]:  # a stage of a run (see timed_command)
+        timed(argv[3:], Path(argv[1]))
+        return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=CONFIG)
     p.add_argument("--givens", default="40:50", help="givens per puzzle, MIN:MAX (more: easier)")
-    p.add_argument("--train", type=int, default=8000)
+    p.add_argument("--train", type=int, default=4000)
     p.add_argument("--valid", type=int, default=100)
-    p.add_argument("--test", type=int, default=150)
+    p.add_argument("--test", type=int, default=100)
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--data-dir", default=None, help="puzzle folder to use (made there when missing; default under --out-dir)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--layers", type=int, default=3)
@@ -303,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                args.decoders)
         return 0
     out = Path(args.out_dir)
-    t0, cpu0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    data = make_data(args, out / "data")
+    t0, cpu0, load0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN), f"{os.getloadavg()[0]:.1f}"
+    data, stages = make_data(args, out / "data")
     t_data = time.time() - t0
     ratio = flop_ratio(args)
     steps = {"mdlm": args.steps, "lomdm": args.steps, "lomdm_eqc": max(1, round(args.steps / ratio))}
@@ -315,9 +347,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if run_dir.exists():
             shutil.rmtree(run_dir)
+        train_cmd = train_command(name, steps[name], args, data, run_dir)
         chained = " && ".join(" ".join(f"'{c}'" for c in cmd) for cmd in
-                              [train_command(name, steps[name], args, data, run_dir),
-                               decode_command(name, run_dir, data, args)])
+                              [timed_command(run_dir / "time_train.json", train_cmd),
+                               timed_command(run_dir / "time_decode.json", decode_command(name, run_dir, data, args))])
         jobs.append((name, args.seed, ["bash", "-c", chained], run_dir))
     run_all(jobs, args.parallel)
     elapsed = time.time() - t0
@@ -330,22 +363,31 @@ def main(argv: list[str] | None = None) -> int:
         rows += dec["rows"]
         metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         train = [m for m in metrics if m.get("kind", "train") == "train"]
-        runs[name] = {"steps": steps[name], "final_loss": train[-1].get("loss"), "order": dec.get("order"),
-                      "train_seconds_est": steps[name] * sorted(m["step_time_s"] for m in train)[len(train) // 2]}
+        for stage in ("train", "decode"):
+            stages[f"{name} {stage}"] = json.loads((run_dir / f"time_{stage}.json").read_text())
+        # `loss` is what the optimizer minimised (for LoMDM a surrogate with the RLOO term); `nelbo` is comparable
+        runs[name] = {"steps": steps[name], "final_loss": train[-1].get("loss"), "final_nelbo": train[-1].get("nelbo"),
+                      "order": dec.get("order"),
+                      "train_s": stages[f"{name} train"], "decode_s": stages[f"{name} decode"]}
     date = time.strftime("%Y-%m-%d")
-    cmdline = "python bench/puzzles.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmdline = " ".join(["python bench/puzzles.py", *argv])
     title = (f"Sudoku {args.givens} givens, {args.train} train / {args.test} test puzzles; {args.layers}L d{args.hidden}, "
              f"batch {args.batch}, {args.steps} steps (lomdm_eqc {steps['lomdm_eqc']}); {date}")
     plot(rows, [out / "puzzles_accuracy.png", ROOT / "bench" / "figures" / f"puzzles_accuracy_{date}.png"], title)
+    if (runs.get("lomdm", {}).get("order") or {}).get("picture"):
+        shutil.copyfile(runs["lomdm"]["order"]["picture"],
+                        ROOT / "bench" / "figures" / f"puzzles_lomdm_order_{date}.png")
     text = (f"# Puzzle benchmark\n\n`{cmdline}` — {elapsed / 60:.1f} min wall ({t_data / 60:.1f} min data), "
-            f"{cpu / 60:.1f} min CPU (children)\n\n{title}. Cells: whole-puzzle accuracy / cell accuracy (%) "
+            f"{cpu / 60:.1f} min CPU (children), load average {load0} at the start, {os.getloadavg()[0]:.1f} at the "
+            f"end\n\n{stage_table(stages)}\n\n{title}. Cells: whole-puzzle accuracy / cell accuracy (%) "
             f"on the test split. LoMDM/MDLM step FLOPs {ratio:.2f}.\n\n{table(rows, args.grid)}\n\n"
-            + "\n".join(f"- {n}: {r['steps']} steps, final train loss {r['final_loss']}, "
+            + "\n".join(f"- {n}: {r['steps']} steps, final train NELBO {r['final_nelbo']} (loss {r['final_loss']}), "
                         f"order {json.dumps((r['order'] or {}).get('corr_exponent_candidates'))}" for n, r in runs.items())
             + "\n")
     (out / "puzzles.md").write_text(text)
-    (out / "puzzles.json").write_text(json.dumps({"rows": rows, "runs": runs, "args": vars(args), "flop_ratio": ratio,
-                                                  "wall_s": elapsed, "cpu_s": cpu, "env": environment()}, indent=1) + "\n")
+    summary = {"rows": rows, "runs": runs, "args": vars(args), "flop_ratio": ratio, "wall_s": elapsed, "cpu_s": cpu,
+               "stages": stages, "load_start": load0, "load_end": os.getloadavg()[0], "env": environment()}
+    (out / "puzzles.json").write_text(json.dumps(summary, indent=1) + "\n")
     for name in args.variants:
         record(f"puzzles/sudoku/{name}", {"rows": [r for r in rows if r["model"] == name], **runs[name]})
     print(text)

@@ -70,7 +70,7 @@ SKIP: dict[str, str] = {
     "python bench/order_task.py --variants lomdm_k4 poly_k4 lomdm_ppots --reuse":
         "three more order-benchmark variants x 3 seeds (tens of minutes), reusing make bench-order's data",
     "python bench/gpu.py": "measures MFU on a CUDA GPU",
-    "make bench-puzzles": "the Sudoku benchmark, 42 min wall on the shared 2-core box; not CI (tests/unit/test_bench_puzzles.py "
+    "make bench-puzzles": "the Sudoku benchmark, ~20 min wall on the shared 2-core box; not CI (tests/unit/test_bench_puzzles.py "
                           "runs its pieces), results in bench/RESULTS.md",
     "python tools/dashboard_screenshot.py --run-dir runs/demo_cpu --out docs/img/dashboard.png":
         "rewrites the committed picture (~90 s with Chromium); tests/integration/test_mlflow_dashboard.py renders "

@@ -1,12 +1,14 @@
 """The pieces of bench/puzzles.py that run without a trained model: every decoder it names is a
 registered sampler, the candidate counts of its order picture, the FLOP ratio of its equal-compute
-run, and the table and plot it writes."""
+run, the table and plot it writes, and the per-stage timing."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import random
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -61,3 +63,14 @@ def test_flop_ratio_and_table(bench: ModuleType, tmp_path: Path) -> None:
     assert "top_prob" not in text  # decoders without rows are left out
     bench.plot(rows, [tmp_path / "a.png"], "title")
     assert (tmp_path / "a.png").stat().st_size > 1000
+
+
+def test_timed_stage_writes_wall_and_cpu_and_the_stage_table(bench: ModuleType, tmp_path: Path) -> None:
+    path = tmp_path / "time_train.json"
+    assert bench.main(["--timed", str(path), "--", sys.executable, "-c", "sum(range(10**6))"]) == 0
+    cost = json.loads(path.read_text())
+    assert set(cost) == {"wall_s", "cpu_s"} and cost["wall_s"] >= 0 and cost["cpu_s"] >= 0
+    text = bench.stage_table({"generate": {"wall_s": 12.4, "cpu_s": 10.0}, "mdlm train": cost})
+    assert text.splitlines()[:3] == ["| stage | wall (s) | CPU (s) |", "|---|---|---|", "| generate | 12 | 10 |"]
+    with pytest.raises(subprocess.CalledProcessError):  # a failing stage fails the chain
+        bench.timed([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "bad.json")
