@@ -18,14 +18,13 @@ def _rank() -> int:
 
 
 class _RankFilter(logging.Filter):
-    def __init__(self, rank: int, all_ranks: bool) -> None:
-        super().__init__()
-        self.rank = rank
-        self.all_ranks = all_ranks
+    """Tags each record with the rank and keeps it on rank 0 (or every rank, or an error). Both are read
+    per record: a process forked before its launcher sets RANK (torch's elastic launcher with
+    start_method="fork") has set up its logger already."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.rank = self.rank
-        return self.all_ranks or self.rank == 0 or record.levelno >= logging.ERROR
+        record.rank = rank = _rank()
+        return rank == 0 or record.levelno >= logging.ERROR or os.environ.get("LOMDM_LOG_ALL_RANKS") == "1"
 
 
 def setup_logging(level: int | str | None = None) -> None:
@@ -39,7 +38,7 @@ def setup_logging(level: int | str | None = None) -> None:
         return
     level = level or os.environ.get("LOMDM_LOG_LEVEL", "INFO")
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_RankFilter(_rank(), os.environ.get("LOMDM_LOG_ALL_RANKS") == "1"))
+    handler.addFilter(_RankFilter())
     handler.setFormatter(
         logging.Formatter("%(asctime)s [rank%(rank)s] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     )
