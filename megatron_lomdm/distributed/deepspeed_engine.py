@@ -502,13 +502,19 @@ class DeepSpeedEngine:
         return sorted(f for f in folder.glob("*.tensor.swp") if "_gradient_" not in f.name)
 
     def _small_optimizer_state(self) -> dict[str, Any]:
-        """The optimizer state that is not swapped: step counts and group settings, per sub-group."""
+        """The optimizer state that is not in swap files, per sub-group: step counts and group
+        settings, and whole (fp32 master + Adam tensors) for the sub-groups DeepSpeed keeps in
+        memory because they are below the swapper's minimum I/O size."""
         opt = self.ds.optimizer
         inner = opt.optimizer
         state = {}
         for i, p in enumerate(opt.fp32_partitioned_groups_flat):
-            state[i] = {k: v for k, v in inner.state.get(p, {}).items()
-                        if not (isinstance(v, torch.Tensor) and v.dim() > 0)}
+            swapped = opt._swappable_optimizer_subgroup(i)
+            entry = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inner.state.get(p, {}).items()
+                     if not (swapped and isinstance(v, torch.Tensor) and v.dim() > 0)}
+            if not swapped:
+                entry["__master__"] = p.detach().clone()
+            state[i] = entry
         groups = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
         return {"state": state, "param_groups": groups, "global_steps": self.ds.global_steps,
                 "global_samples": self.ds.global_samples, "skipped_steps": self.ds.skipped_steps}
@@ -535,26 +541,52 @@ class DeepSpeedEngine:
             raise ValueError(f"no NVMe optimizer state for this rank under {rank_dir} (was the checkpoint written "
                              "with parallel.nvme_offload_dir and the same number of ranks?)")
         saved = json.loads((rank_dir / "files.json").read_text())
-        current = self._swap_files()
-        if saved["dp"] != self.dp or sorted(saved["files"]) != [f.name for f in current]:
+        saved_files = saved["files"]
+        # a fresh engine has swapped its masters (`<sub-group id>.tensor.swp`) but no Adam state yet
+        masters = sorted(name for name in saved_files if "-" not in name)
+        current = [f.name for f in self._swap_files() if "-" not in f.name]
+        if saved["dp"] != self.dp or masters != current:
             raise ValueError(f"the NVMe optimizer state in {rank_dir} was written with DP={saved['dp']} and "
-                             f"{len(saved['files'])} swap files; this run has DP={self.dp} and {len(current)}: "
+                             f"{len(masters)} swapped sub-groups; this run has DP={self.dp} and {len(current)}: "
                              "resume with the same layout")
-        for f in current:
-            shutil.copyfile(rank_dir / f.name, f)
+        folder = Path(self._optimizer_swapper().swap_folder)
+        for name in saved_files:
+            shutil.copyfile(rank_dir / name, folder / name)
         small = torch.load(rank_dir / "state.pt", weights_only=False)
         opt = self.ds.optimizer
-        for i, p in enumerate(opt.fp32_partitioned_groups_flat):
-            opt.optimizer.state.setdefault(p, {}).update(small["state"][i])
         for group, values in zip(opt.optimizer.param_groups, small["param_groups"], strict=True):
             group.update(values)
         self.ds.global_steps = small["global_steps"]
         self.ds.global_samples = small["global_samples"]
         self.ds.skipped_steps = small["skipped_steps"]
-        for i in range(len(opt.fp16_groups)):  # bf16 partitions <- the restored fp32 masters
-            opt._optimizer_states_and_gradient_swap_in(i)
+        for i, p in enumerate(opt.fp32_partitioned_groups_flat):  # then bf16 partitions <- restored masters
+            entry = dict(small["state"][i])
+            master = entry.pop("__master__", None)
+            state = opt.optimizer.state.setdefault(p, {})
+            if master is None:  # swapped: the files hold master, m and v
+                state.update(entry)
+                # A fresh engine creates the Adam tensors at its first step; the swapper reads the saved
+                # ones into tensors it finds in the state (file `<key>-<sub-group id>.tensor.swp`).
+                for key in _swapped_state_keys(saved_files, p.ds_id):
+                    state[key] = torch.zeros(opt.fp16_partitioned_groups_flat_numel[i], dtype=p.dtype)
+                opt._optimizer_states_and_gradient_swap_in(i)
+                opt._reassign_or_swap_out_partitioned_parameters(i)
+                opt._release_swap_buffers(i)
+                continue
+            with torch.no_grad():
+                p.copy_(master)
+                for key, value in entry.items():
+                    if isinstance(value, torch.Tensor) and isinstance(state.get(key), torch.Tensor):
+                        state[key].copy_(value)
+                    else:
+                        state[key] = value
             opt._reassign_or_swap_out_partitioned_parameters(i)
-            opt._release_swap_buffers(i)
+
+
+def _swapped_state_keys(files: list[str], sub_group_id: str) -> list[str]:
+    """The optimizer-state keys (`exp_avg`, ...) of a sub-group's swap files `<key>-<id>.tensor.swp`."""
+    suffix = f"-{sub_group_id}.tensor.swp"
+    return sorted(name[: -len(suffix)] for name in files if name.endswith(suffix))
 
 
 def _sharded_items(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
