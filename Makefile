@@ -15,7 +15,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 # it or call .venv/bin/python), and pip upgrades itself first
 PIP_QUIET := -q --no-warn-script-location --disable-pip-version-check
 
-.PHONY: setup demo test bench bench-learning bench-order bench-puzzles clean-demo
+.PHONY: setup demo test bench bench-learning bench-order bench-puzzles bench-scale clean-demo
 
 setup: $(STAMP)
 
@@ -58,6 +58,13 @@ bench-order: setup
 # from a fresh clone on the shared 2-core box (load average 46 falling to 6), within the 30-min budget
 bench-puzzles: setup
 	$(PY) bench/puzzles.py
+
+# not in CI: the 1.3B owt_1b model end to end on CPU (DeepSpeed ZeRO-3, optimizer state on NVMe under
+# bench/_work: ~40 GB of disk while it runs; needs libaio-dev): train 2 steps, save, resume 2 steps,
+# evaluate, HF export + logits check, peak RSS per rank vs tools/plan.py (bench/RESULTS.md).
+# `$(PY) bench/scale_1b.py --small` runs the same path at 2 x 256 in minutes.
+bench-scale: setup
+	$(PY) bench/scale_1b.py
 
 clean-demo:
 	rm -rf runs/demo_cpu demo_data

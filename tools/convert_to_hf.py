@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--rtol", type=float, default=None, help="--verify rtol (with --atol)")
     p.add_argument("--atol", type=float, default=None, help="--verify atol (with --rtol)")
+    p.add_argument("--max-shard-size", default=None,
+                   help="safetensors shards of at most this size, e.g. 1GB (default: one file up to 50GB)")
     p.add_argument("--from-hf", help="HF folder to import")
     p.add_argument("--to-run-dir", help="run directory to create from --from-hf")
     p.add_argument("overrides", nargs="*", help="dotted.key=value config overrides (import)")
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         result = export_run(args.run_dir, args.output, step=args.checkpoint, ema=not args.no_ema,
                             verify=args.verify, overwrite=args.overwrite, rtol=args.rtol,
-                            atol=args.atol)
+                            atol=args.atol, max_shard_size=args.max_shard_size)
     except ExportVerificationError as err:
         sys.stderr.write(f"convert_to_hf: verification failed, nothing written: {err}\n")
         return EXIT_VERIFY_FAILED

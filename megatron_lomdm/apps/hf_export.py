@@ -412,9 +412,19 @@ def _read_rank_files(folder: Path, tp: int, pp: int) -> dict[tuple[int, int], di
 def weights_from_dist(cfg: Any, folder: Path, *, ema: bool = False) -> StateDict:
     """The live (or EMA) weights of a checkpoint's ``dist/`` part (megatron ``dist_checkpointing``).
 
-    The native model is rebuilt at TP=1/PP=1 in a world-1 session and the (reshardable) sharded
-    checkpoint is loaded into it, so any saved TP x PP layout and either backend works. The EMA
-    (format 2) is sharded like the weights (``checkpoint/sharded.py``) and loads the same way.
+    The tensors are the rebuilt model's own (no copy: a second copy of a 1.5B model is 6 GB).
+    """
+    with native_session(cfg.train.seed):
+        model = native_model_from_dist(cfg, folder, ema=ema)
+        return {k: v.detach() for k, v in _canonical(model.state_dict()).items()}
+
+
+def native_model_from_dist(cfg: Any, folder: Path, *, ema: bool = False) -> torch.nn.Module:
+    """The native TP=1 model (fp32) with a checkpoint's ``dist/`` weights; call inside ``native_session``.
+
+    The model is rebuilt at TP=1/PP=1 in a world-1 session and the (reshardable) sharded checkpoint
+    is loaded into it, so any saved TP x PP layout and either backend works. The EMA (format 2) is
+    sharded like the weights (``checkpoint/sharded.py``) and loads the same way.
     """
     from megatron.core import dist_checkpointing
 
@@ -424,24 +434,23 @@ def weights_from_dist(cfg: Any, folder: Path, *, ema: bool = False) -> StateDict
     if not (dist_dir / "metadata.json").is_file():
         raise ValueError(f"{dist_dir} is not a megatron dist_checkpointing folder; "
                          "export the EMA weights (without --no-ema)")
-    with native_session(cfg.train.seed):
-        model = build_native_tp1(cfg, None)
-        sharded = model_sharded_state_dict(model)
-        if ema:
-            shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
-            sharded = ema_sharded_state_dict(sharded, model, shadow)
-        check_checkpoint_folder(dist_dir)
-        state = dist_checkpointing.load(sharded, str(dist_dir))
-        if ema:
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    p.copy_(state[name])
-        else:
-            missing = [k for k in model.load_state_dict(state, strict=False).missing_keys
-                       if canonical_native_key(k) is not None]
-            if missing:
-                raise ValueError(f"{dist_dir} lacks model tensors {missing[:5]}")
-        return {k: v.detach().cpu().clone() for k, v in _canonical(model.state_dict()).items()}
+    model = build_native_tp1(cfg, None)
+    sharded = model_sharded_state_dict(model)
+    if ema:
+        shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+        sharded = ema_sharded_state_dict(sharded, model, shadow)
+    check_checkpoint_folder(dist_dir)
+    state = dist_checkpointing.load(sharded, str(dist_dir))
+    if ema:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(state[name])
+    else:
+        missing = [k for k in model.load_state_dict(state, strict=False).missing_keys
+                   if canonical_native_key(k) is not None]
+        if missing:
+            raise ValueError(f"{dist_dir} lacks model tensors {missing[:5]}")
+    return model
 
 
 def load_native_checkpoint(run_dir: str | Path, step: int | None = None, *,
@@ -556,9 +565,13 @@ def _register_auto_classes(hf_config: Any) -> None:
                           "AutoModel": model_cls, "AutoModelForMaskedLM": model_cls}
 
 
-def save_hf_model(hf_sd: Mapping[str, torch.Tensor], hf_config: Any, folder: Path) -> None:
+def save_hf_model(hf_sd: Mapping[str, torch.Tensor], hf_config: Any, folder: Path, *,
+                  max_shard_size: str | None = None) -> None:
     """Write config.json (+ auto_map), model.safetensors and the modeling files to ``folder``, with
-    the project's OeMDM modules the modeling files import (``hf_code.write_shipped_code``)."""
+    the project's OeMDM modules the modeling files import (``hf_code.write_shipped_code``).
+    ``max_shard_size`` (e.g. ``"1GB"``): safetensors shards of at most that size plus
+    ``model.safetensors.index.json`` (default: transformers', 50GB); serialising holds one shard's
+    bytes at a time, so smaller shards also lower the writer's peak memory."""
     from megatron_lomdm.checkpoint.hf_code import write_shipped_code
     from megatron_lomdm.checkpoint.hf_modeling import LoMDMForMaskedDiffusion
 
@@ -570,7 +583,7 @@ def save_hf_model(hf_sd: Mapping[str, torch.Tensor], hf_config: Any, folder: Pat
         raise ValueError(f"weights do not match the HF model: missing "
                          f"{sorted(expected - got)[:5]}, unexpected {sorted(got - expected)[:5]}")
     model.load_state_dict(dict(hf_sd), strict=True, assign=True)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     write_shipped_code(folder)
 
 
@@ -766,7 +779,8 @@ def _publish(tmp: Path, output: Path, overwrite: bool) -> None:
 
 def export_run(run_dir: str | Path, output: str | Path, *, step: int | None = None,
                ema: bool = True, verify: bool = False, overwrite: bool = False,
-               rtol: float | None = None, atol: float | None = None) -> ExportResult:
+               rtol: float | None = None, atol: float | None = None,
+               max_shard_size: str | None = None) -> ExportResult:
     """Export a run's checkpoint (any TP x PP) as a ``trust_remote_code`` HF folder.
 
     Args:
@@ -777,6 +791,7 @@ def export_run(run_dir: str | Path, output: str | Path, *, step: int | None = No
         verify: compare the reloaded export's fp32 logits with the native model before publishing.
         overwrite: replace an existing ``output``.
         rtol / atol: ``torch.testing.assert_close`` tolerances of ``verify`` (default: fp32's).
+        max_shard_size: safetensors shard size (``save_hf_model``); default one file up to 50GB.
 
     Returns:
         The ``ExportResult``.
@@ -801,7 +816,7 @@ def export_run(run_dir: str | Path, output: str | Path, *, step: int | None = No
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         log.info("export 2/4: writing the HF folder (safetensors, config, modeling code, tokenizer)")
-        save_hf_model(hf_sd, hf_config, tmp)
+        save_hf_model(hf_sd, hf_config, tmp, max_shard_size=max_shard_size)
         tok_files = copy_tokenizer(tok, tmp)
         result = ExportResult(output=output, step=ckpt.step, ema=ckpt.ema,
                               source_layout=(ckpt.tp, ckpt.pp), tokenizer_files=tok_files)
@@ -937,7 +952,7 @@ def build_native_tp1(cfg: Any, full: Mapping[str, torch.Tensor] | None) -> Any:
     from megatron_lomdm.training.build import build_model
 
     cfg1 = replace(cfg, parallel={"tp": 1, "pp": 1, "zero": 0, "backend": "megatron", "virtual_stages": 1,
-                                  "sequence_parallel": False},
+                                  "sequence_parallel": False, "cpu_offload": False, "nvme_offload_dir": ""},
                    train={"precision": "fp32"}, model={"recompute": "none"})
     model = build_model(cfg1, parallel_info())
     if full is None:

@@ -46,6 +46,8 @@ GiB = 1024**3
 GPT2_VOCAB_WITH_MASK = 50258  # a config whose model.vocab_size comes from the data manifest (0)
 SUBS_CHUNK_ELEMENTS = 1 << 24  # models.vocab_parallel._DEFAULT_CHUNK_ELEMENTS (per chunk, fp32)
 DS_BUCKET_NUMEL = 500_000_000  # distributed.deepspeed_engine.DEFAULT_BUCKET_NUMEL
+NVME_SUB_GROUP_NUMEL = 50_000_000  # distributed.deepspeed_engine.NVME_SUB_GROUP_NUMEL
+NVME_BUFFER_COUNT = 4  # distributed.deepspeed_engine.NVME_BUFFER_COUNT
 LINK_EFFICIENCY = 0.8  # [I] share of a link's rate NCCL's ring collectives reach (bus bandwidth)
 LOSS_BYTES_PER_TOKEN = 56  # masks, log p, velocities and RLOO terms per corrupted token (measured ~53)
 
@@ -224,6 +226,7 @@ class StateBytes:
     grads: float
     optimizer: float
     ema: float
+    nvme: float = 0.0  # optimizer state in files (parallel.nvme_offload_dir); not memory, not in total
 
     @property
     def total(self) -> float:
@@ -243,14 +246,32 @@ def element_sizes(backend: str, bf16: bool) -> tuple[int, int, int]:
     return p, p, 12
 
 
-def state_bytes(num_params: int, backend: str, zero: int, dp: int, *, bf16: bool, ema: bool) -> StateBytes:
-    """ZeRO accounting of one rank's ``num_params`` parameters (performance.md §A2)."""
+def state_bytes(num_params: int, backend: str, zero: int, dp: int, *, bf16: bool, ema: bool,
+                offload: str = "none") -> StateBytes:
+    """ZeRO accounting of one rank's ``num_params`` parameters (performance.md §A2).
+
+    ``offload``: where DeepSpeed keeps the fp32 master + Adam state. ``none`` and ``cpu``
+    (``parallel.cpu_offload``) hold it in (device or host) memory; ``nvme``
+    (``parallel.nvme_offload_dir``, ZeRO-3) holds it in files and only the swapper's
+    ``NVME_BUFFER_COUNT`` fp32 buffers of one sub-group (``NVME_SUB_GROUP_NUMEL`` elements, or the
+    whole partition when smaller) in memory; the files' bytes are ``nvme``.
+    """
+    if offload not in ("none", "cpu", "nvme"):
+        raise ValueError(f"offload must be none, cpu or nvme, got {offload!r}")
+    if offload == "nvme" and not (backend == "deepspeed" and zero == 3):
+        raise ValueError(f"NVMe offload needs DeepSpeed ZeRO-3, got {backend} ZeRO-{zero}")
     p, g, k = element_sizes(backend, bf16)
+    optimizer = num_params * k / (dp if zero >= 1 else 1)
+    nvme = 0.0
+    if offload == "nvme":
+        nvme = optimizer
+        optimizer = NVME_BUFFER_COUNT * min(NVME_SUB_GROUP_NUMEL, math.ceil(num_params / dp)) * 4
     return StateBytes(
         params=num_params * p / (dp if zero >= 3 else 1),
         grads=num_params * g / (dp if zero >= 2 else 1),
-        optimizer=num_params * k / (dp if zero >= 1 else 1),
+        optimizer=optimizer,
         ema=4 * num_params if ema else 0,  # training.optim.EMA: an fp32 shadow of the rank's parameters
+        nvme=nvme,
     )
 
 

@@ -344,6 +344,12 @@ class ParallelConfig:
     """Overlap the data-parallel gradient reduce with the backward pass (megatron backend)."""
     cpu_offload: bool = False
     """Offload optimizer state to CPU (deepspeed, zero >= 2)."""
+    nvme_offload_dir: str = ""
+    """ZeRO-Infinity: keep the fp32 master weights and Adam state in files under this directory
+    (an NVMe or other fast local disk; one subfolder per rank) and stream them through the CPU
+    at each step. Empty = off. Needs parallel.backend=deepspeed, parallel.zero=3, not
+    parallel.cpu_offload, and DeepSpeed's async_io op (libaio: `apt-get install libaio-dev`);
+    the engine checks the directory and the op when it starts. Resume needs the same layout."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism: LayerNorms, dropout and residuals run on 1/tp of the sequence
     (the activations between TP regions shrink by tp). Needs parallel.tp > 1, the megatron backend
@@ -367,6 +373,12 @@ class ParallelConfig:
             _fail("parallel.pp", f"pipeline parallel with DeepSpeed ZeRO-{self.zero} is not supported (use zero <= 1)")
         if self.cpu_offload and not (self.backend == "deepspeed" and self.zero >= 2):
             _fail("parallel.cpu_offload", "needs parallel.backend=deepspeed and parallel.zero >= 2")
+        if self.nvme_offload_dir and not (self.backend == "deepspeed" and self.zero == 3):
+            _fail("parallel.nvme_offload_dir", "NVMe offload (ZeRO-Infinity) needs parallel.backend=deepspeed and "
+                  f"parallel.zero=3, got backend={self.backend}, zero={self.zero}")
+        if self.nvme_offload_dir and self.cpu_offload:
+            _fail("parallel.nvme_offload_dir", "the optimizer state goes either to the CPU (parallel.cpu_offload) or "
+                  "to NVMe (parallel.nvme_offload_dir), not both: set parallel.cpu_offload=false")
         if self.sequence_parallel and self.tp == 1:
             _fail("parallel.sequence_parallel", "needs parallel.tp > 1 (it splits the sequence over the TP ranks)")
         if self.sequence_parallel and self.backend != "megatron":

@@ -56,13 +56,33 @@ Decisions:
       5e8 would allocate 2 GB per bucket even for a tiny model.
     * Offload (`parallel.cpu_offload`, ZeRO 2/3) uses `DeepSpeedCPUAdam` (DeepSpeed refuses a
       torch optimizer there); it JIT-compiles `cpu_adam` on first use unless prebuilt.
+    * NVMe offload (`parallel.nvme_offload_dir`, ZeRO-3 only: ZeRO-Infinity) keeps the fp32 master
+      weights and Adam m, v in files (DeepSpeed's optimizer swapper, async_io op) and streams them
+      through CPU buffers one sub-group at a time (`NVME_SUB_GROUP_NUMEL` elements; 4 buffers of
+      that size per rank), so a rank holds only its bf16 parameter and gradient partitions, the
+      buffers and the activations. Buckets are capped at `NVME_BUCKET_NUMEL` there too.
+    * ZeRO-3 saves gather one parameter at a time: the first DP rank keeps a full copy for the
+      write, the other ranks hand dist_checkpointing zero-stride placeholders of their non-main
+      replicas (never written), so a save costs one model copy on one rank, not on every rank.
+    * NVMe checkpoints. DeepSpeed 0.19.8 cannot checkpoint swapped optimizer state: its ZeRO-3
+      `_rigid_state_dict` saves `fp32_partitioned_groups_flat` and the Adam tensors as they are
+      between steps, i.e. released to empty tensors (their values live in the swap files), and
+      `_rigid_load_state_dict` then copies those empty tensors back, purges the swapper's state
+      tensors and leaves the bf16 weights at the fresh initialisation -- a resume that silently
+      restarts from scratch. With NVMe offload the engine therefore writes its own checkpoint:
+      the rank's swap files (fp32 master + m + v, byte copies) and the optimizer's small state
+      (step counts, groups) next to DeepSpeed's folder, and resumes by copying them back and
+      refreshing the bf16 partitions from the restored masters. The files are per rank: resume
+      needs the same DP size and model (the model itself is in the layout-free `dist/` folder
+      that evaluation and the HF export read).
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import math
 import os
+import shutil
 import types
 from pathlib import Path
 from typing import Any
@@ -79,6 +99,34 @@ from megatron_lomdm.utils.logging import get_logger
 log = get_logger(__name__)
 CHECKPOINT_TAG = "ds"
 DEFAULT_BUCKET_NUMEL = 500_000_000  # DeepSpeed's reduce/allgather bucket default (elements)
+NVME_SUB_GROUP_NUMEL = 50_000_000  # elements per swapped optimizer sub-group (4 fp32 buffers: 0.8 GB/rank)
+NVME_BUCKET_NUMEL = 50_000_000  # reduce/prefetch buckets with NVMe offload (bf16: 100 MB)
+NVME_BUFFER_COUNT = 4  # the swapper's CPU buffers (master, m, v and the gradient of one sub-group)
+NVME_STATE_DIR = "nvme_state"  # under the checkpoint's deepspeed/ folder: rank<r>/ swap files + state.pt
+
+
+def check_nvme_offload(path: str) -> Path:
+    """The directory of `parallel.nvme_offload_dir`, checked before DeepSpeed opens files in it.
+
+    Raises:
+        ValueError: naming the key when the directory is missing or not writable, or when
+            DeepSpeed's async_io op cannot be built (libaio missing).
+    """
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"config: parallel.nvme_offload_dir: {folder} is not a directory (create it on a fast local disk)")
+    probe = folder / f".write_probe_{os.getpid()}"
+    try:
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"config: parallel.nvme_offload_dir: {folder} is not writable ({err})") from err
+    from deepspeed.accelerator import get_accelerator
+
+    if not get_accelerator().create_op_builder("AsyncIOBuilder").is_compatible(verbose=False):
+        raise ValueError("config: parallel.nvme_offload_dir: DeepSpeed's async_io op is unavailable: it needs libaio "
+                         "(`apt-get install -y libaio-dev` on Debian/Ubuntu, `yum install libaio-devel` on RHEL)")
+    return folder.resolve()
 
 
 def megatron_mpu() -> types.SimpleNamespace:
@@ -126,6 +174,14 @@ def deepspeed_config(cfg: Config, *, dp: int, num_microbatches: int, bucket_nume
         zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=bucket_numel)
     if cfg.parallel.cpu_offload:
         zero["offload_optimizer"] = {"device": "cpu"}
+    extra: dict[str, Any] = {}
+    if cfg.parallel.nvme_offload_dir:
+        zero["offload_optimizer"] = {"device": "nvme", "nvme_path": cfg.parallel.nvme_offload_dir,
+                                     "pin_memory": False, "buffer_count": NVME_BUFFER_COUNT}
+        zero["sub_group_size"] = NVME_SUB_GROUP_NUMEL
+        # DeepSpeed's aio defaults, written out: 1 MiB blocks, 8 requests in flight, one thread
+        extra["aio"] = {"block_size": 1 << 20, "queue_depth": 8, "intra_op_parallelism": 1,
+                        "single_submit": False, "overlap_events": True}
     return {
         "train_batch_size": cfg.train.micro_batch_size * num_microbatches * dp,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
@@ -135,6 +191,7 @@ def deepspeed_config(cfg: Config, *, dp: int, num_microbatches: int, bucket_nume
         "bf16": {"enabled": cfg.train.precision == "bf16", "check_grad_overflow": True},
         "steps_per_print": 2**62,  # the loop logs; DeepSpeed's own progress lines stay quiet
         "wall_clock_breakdown": False,
+        **extra,
     }
 
 
@@ -235,11 +292,12 @@ class DeepSpeedEngine:
         groups = param_groups(model, cfg)
         self.base_lrs = [g["lr"] for g in groups]
         described = [(g["name"], len(g["params"]), g["lr"]) for g in groups]  # DeepSpeed flattens the groups
+        self.nvme = check_nvme_offload(cfg.parallel.nvme_offload_dir) if cfg.parallel.nvme_offload_dir else None
         optimizer = self._optimizer(groups, cfg)
         numel = sum(p.numel() for p in model.parameters())
+        cap = NVME_BUCKET_NUMEL if self.nvme else DEFAULT_BUCKET_NUMEL
         config = deepspeed_config(cfg, dp=self.dp, num_microbatches=self.num_microbatches,
-                                  bucket_numel=min(DEFAULT_BUCKET_NUMEL, max(numel, 1)),
-                                  engine_clips=self._engine_clips)
+                                  bucket_numel=min(cap, max(numel, 1)), engine_clips=self._engine_clips)
         if stage == 3:  # the family's parameters are used in DiffusionLM.forward, not in family.forward
             for p in model.family.parameters():
                 deepspeed.zero.register_external_parameter(step_module, p)
@@ -257,13 +315,14 @@ class DeepSpeedEngine:
         log.info("DeepSpeed ZeRO-%d engine: dp=%d tp=%d, %d micro-batches per step, groups %s, optimizer %s%s",
                  stage, self.dp, parallel_state.get_tensor_model_parallel_world_size(), self.num_microbatches,
                  described, type(optimizer).__name__,
-                 ", optimizer state offloaded to CPU" if cfg.parallel.cpu_offload else "")
+                 ", optimizer state offloaded to CPU" if cfg.parallel.cpu_offload else
+                 f", optimizer state offloaded to NVMe under {self.nvme}" if self.nvme else "")
 
     @staticmethod
     def _optimizer(groups: list[dict[str, Any]], cfg: Config) -> torch.optim.Optimizer:
         o = cfg.optim
         kwargs = {"lr": cfg.train.lr, "betas": (o.beta1, o.beta2), "eps": o.eps, "weight_decay": o.weight_decay}
-        if cfg.parallel.cpu_offload:  # DeepSpeed requires its CPU Adam for offloaded optimizer state
+        if cfg.parallel.cpu_offload or cfg.parallel.nvme_offload_dir:  # DeepSpeed requires its CPU Adam there
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
@@ -367,14 +426,20 @@ class DeepSpeedEngine:
     def save_sharded(self, folder: Path, extra: dict[str, Any]) -> None:
         """The model and the caller's `extra` entries (the EMA) via dist_checkpointing into `folder`
         (the one format every reader uses: resume, evaluation, HF export), and DeepSpeed's own
-        checkpoint of its ZeRO partitions and optimizer state next to it (`../deepspeed/`)."""
+        checkpoint of its ZeRO partitions and optimizer state next to it (`../deepspeed/`; with
+        NVMe offload the engine's own copy of the swapped state, see the module docstring)."""
         from megatron_lomdm.distributed.megatron_engine import write_dist_checkpoint
 
         folder.mkdir(parents=True, exist_ok=True)
         model = self.module.module.model
-        with self._full_parameters():
+        if self.stage == 3:
+            self._save_zero3_model(model, extra, folder)
+        else:
             write_dist_checkpoint({"model": model.sharded_state_dict(metadata=SHARDING), **extra}, folder)
-        self.ds.save_checkpoint(str(folder.parent / "deepspeed"), tag=CHECKPOINT_TAG, save_latest=False)
+        if self.nvme is not None:
+            self._save_nvme_state(folder.parent / "deepspeed" / NVME_STATE_DIR)
+        else:
+            self.ds.save_checkpoint(str(folder.parent / "deepspeed"), tag=CHECKPOINT_TAG, save_latest=False)
 
     def load_sharded(self, folder: Path, extra: dict[str, Any] | None) -> dict[str, Any]:
         """Model, ZeRO partitions and optimizer from DeepSpeed's checkpoint; returns the loaded `extra`
@@ -382,18 +447,152 @@ class DeepSpeedEngine:
         from megatron.core import dist_checkpointing
 
         ds_dir = folder if extra is None else folder.parent / "deepspeed"
-        path, _ = self.ds.load_checkpoint(str(ds_dir), tag=CHECKPOINT_TAG)
-        if path is None:
-            raise ValueError(f"no DeepSpeed checkpoint (tag {CHECKPOINT_TAG!r}) under {ds_dir}")
+        if self.nvme is not None:
+            self._load_nvme_state(ds_dir / NVME_STATE_DIR)
+        else:
+            path, _ = self.ds.load_checkpoint(str(ds_dir), tag=CHECKPOINT_TAG)
+            if path is None:
+                raise ValueError(f"no DeepSpeed checkpoint (tag {CHECKPOINT_TAG!r}) under {ds_dir}")
         if not extra:
             return {}
         state = dist_checkpointing.load(dict(extra), str(folder))
         return {key: state[key] for key in extra}
 
-    def _full_parameters(self):
-        """ZeRO-3: every parameter gathered whole for the duration (the sharded save reads them)."""
-        if self.stage != 3:
-            return contextlib.nullcontext()
-        import deepspeed
+    def _save_zero3_model(self, model: nn.Module, extra: dict[str, Any], folder: Path) -> None:
+        """ZeRO-3: the dist checkpoint with one full copy of the model, on the first DP rank only.
 
-        return deepspeed.zero.GatheredParameters(list(self.module.module.parameters()), modifier_rank=None)
+        Each parameter is gathered alone; the first DP rank keeps a copy, the others a zero-stride
+        placeholder of the right shape (they only hold non-main replicas, which dist_checkpointing
+        never writes; checked). The partitioned tensors are put back afterwards.
+        """
+        import deepspeed
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
+
+        from megatron_lomdm.distributed.megatron_engine import write_dist_checkpoint
+
+        writer = parallel_state.get_data_parallel_rank() == 0
+        partitioned: list[tuple[nn.Parameter, torch.Tensor]] = []
+        try:
+            for p in model.parameters():
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    full = p.data.clone() if writer else torch.zeros((), dtype=p.dtype).expand(p.data.shape)
+                partitioned.append((p, p.data))
+                p.data = full
+            sharded = model.sharded_state_dict(metadata=SHARDING)
+            if not writer:
+                for key, item in _sharded_items(sharded):
+                    if isinstance(item, ShardedTensor) and is_main_replica(item.replica_id):
+                        raise RuntimeError(f"ZeRO-3 save: {key} is a main replica on DP rank "
+                                           f"{parallel_state.get_data_parallel_rank()}, which holds no copy of it")
+            write_dist_checkpoint({"model": sharded, **extra}, folder)
+        finally:
+            for p, data in partitioned:
+                p.data = data
+
+    def _optimizer_swapper(self) -> Any:
+        opt = self.ds.optimizer
+        swapper = getattr(opt, "optimizer_swapper", None)
+        if swapper is None:
+            raise RuntimeError("parallel.nvme_offload_dir is set but DeepSpeed's ZeRO-3 optimizer has no swapper")
+        return swapper
+
+    def _swap_files(self) -> list[Path]:
+        """This rank's swapped optimizer tensors (fp32 master, m, v per sub-group), not the gradients."""
+        folder = Path(self._optimizer_swapper().swap_folder)
+        return sorted(f for f in folder.glob("*.tensor.swp") if "_gradient_" not in f.name)
+
+    def _small_optimizer_state(self) -> dict[str, Any]:
+        """The optimizer state that is not in swap files, per sub-group: step counts and group
+        settings, and whole (fp32 master + Adam tensors) for the sub-groups DeepSpeed keeps in
+        memory because they are below the swapper's minimum I/O size."""
+        opt = self.ds.optimizer
+        inner = opt.optimizer
+        state = {}
+        for i, p in enumerate(opt.fp32_partitioned_groups_flat):
+            swapped = opt._swappable_optimizer_subgroup(i)
+            entry = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inner.state.get(p, {}).items()
+                     if not (swapped and isinstance(v, torch.Tensor) and v.dim() > 0)}
+            if not swapped:
+                entry["__master__"] = p.detach().clone()
+            state[i] = entry
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
+        return {"state": state, "param_groups": groups, "global_steps": self.ds.global_steps,
+                "global_samples": self.ds.global_samples, "skipped_steps": self.ds.skipped_steps}
+
+    def _save_nvme_state(self, root: Path) -> None:
+        """Byte copies of this rank's swap files and its small optimizer state under `root/rank<r>`."""
+        rank_dir = root / f"rank{torch.distributed.get_rank()}"
+        rank_dir.mkdir(parents=True, exist_ok=True)
+        files = self._swap_files()
+        for f in files:
+            shutil.copyfile(f, rank_dir / f.name)
+        torch.save(self._small_optimizer_state(), rank_dir / "state.pt")
+        (rank_dir / "files.json").write_text(json.dumps({"dp": self.dp, "files": [f.name for f in files]}))
+
+    def _load_nvme_state(self, root: Path) -> None:
+        """Put this rank's saved swap files back, restore the small state, refresh the bf16 partitions.
+
+        Raises:
+            ValueError: when the checkpoint has no NVMe state for this rank or was written by another
+                layout (its DP size or its set of swap files differ).
+        """
+        rank_dir = root / f"rank{torch.distributed.get_rank()}"
+        if not (rank_dir / "files.json").is_file():
+            raise ValueError(f"no NVMe optimizer state for this rank under {rank_dir} (was the checkpoint written "
+                             "with parallel.nvme_offload_dir and the same number of ranks?)")
+        saved = json.loads((rank_dir / "files.json").read_text())
+        saved_files = saved["files"]
+        # a fresh engine has swapped its masters (`<sub-group id>.tensor.swp`) but no Adam state yet
+        masters = sorted(name for name in saved_files if "-" not in name)
+        current = [f.name for f in self._swap_files() if "-" not in f.name]
+        if saved["dp"] != self.dp or masters != current:
+            raise ValueError(f"the NVMe optimizer state in {rank_dir} was written with DP={saved['dp']} and "
+                             f"{len(masters)} swapped sub-groups; this run has DP={self.dp} and {len(current)}: "
+                             "resume with the same layout")
+        folder = Path(self._optimizer_swapper().swap_folder)
+        for name in saved_files:
+            shutil.copyfile(rank_dir / name, folder / name)
+        small = torch.load(rank_dir / "state.pt", weights_only=False)
+        opt = self.ds.optimizer
+        for group, values in zip(opt.optimizer.param_groups, small["param_groups"], strict=True):
+            group.update(values)
+        self.ds.global_steps = small["global_steps"]
+        self.ds.global_samples = small["global_samples"]
+        self.ds.skipped_steps = small["skipped_steps"]
+        for i, p in enumerate(opt.fp32_partitioned_groups_flat):  # then bf16 partitions <- restored masters
+            entry = dict(small["state"][i])
+            master = entry.pop("__master__", None)
+            state = opt.optimizer.state.setdefault(p, {})
+            if master is None:  # swapped: the files hold master, m and v
+                state.update(entry)
+                # A fresh engine creates the Adam tensors at its first step; the swapper reads the saved
+                # ones into tensors it finds in the state (file `<key>-<sub-group id>.tensor.swp`).
+                for key in _swapped_state_keys(saved_files, p.ds_id):
+                    state[key] = torch.zeros(opt.fp16_partitioned_groups_flat_numel[i], dtype=p.dtype)
+                opt._optimizer_states_and_gradient_swap_in(i)
+                opt._reassign_or_swap_out_partitioned_parameters(i)
+                opt._release_swap_buffers(i)
+                continue
+            with torch.no_grad():
+                p.copy_(master)
+                for key, value in entry.items():
+                    if isinstance(value, torch.Tensor) and isinstance(state.get(key), torch.Tensor):
+                        state[key].copy_(value)
+                    else:
+                        state[key] = value
+            opt._reassign_or_swap_out_partitioned_parameters(i)
+
+
+def _swapped_state_keys(files: list[str], sub_group_id: str) -> list[str]:
+    """The optimizer-state keys (`exp_avg`, ...) of a sub-group's swap files `<key>-<id>.tensor.swp`."""
+    suffix = f"-{sub_group_id}.tensor.swp"
+    return sorted(name[: -len(suffix)] for name in files if name.endswith(suffix))
+
+
+def _sharded_items(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(key path, leaf) of a nested sharded state dict."""
+    if isinstance(tree, dict):
+        return [item for k, v in tree.items() for item in _sharded_items(v, f"{prefix}{k}.")]
+    if isinstance(tree, (list, tuple)):
+        return [item for i, v in enumerate(tree) for item in _sharded_items(v, f"{prefix}{i}.")]
+    return [(prefix.rstrip("."), tree)]

@@ -327,7 +327,7 @@ def build_run(cfg: Config, *, read_only: bool = False) -> Run:
         tracker.log_artifact(run_dir / "config.yaml")
     if is_rank0 and not read_only:
         run.metrics_file = MetricsFile(run_dir / "metrics.jsonl", resume_step=run.state.step + 1)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: the full size
     log.info("model: %.2fM parameters on this rank (%s), family=%s, corruptions/sequence K=%d, micro-batches/step=%d",
              n_params / 1e6, info.device, d.name, model.family.num_corruptions, run.num_microbatches)
     return run

@@ -557,6 +557,19 @@ def test_export_no_ema_reads_dist_checkpoint(tp1_run: Path, tp1_export: tuple[Pa
     assert set(ref) == set(got) and all(torch.equal(ref[k], got[k]) for k in ref)
 
 
+def test_export_sharded_safetensors(tp1_run: Path, tp1_export: tuple[Path, dict], tmp_path: Path,
+                                    hf_home: Path) -> None:
+    """max_shard_size (convert_to_hf --max-shard-size): several safetensors files plus the index, the
+    same tensors, and transformers loads and verifies them in a fresh process."""
+    result = hf_export.export_run(tp1_run, tmp_path / "hf", ema=False, verify=True, max_shard_size="100KB")
+    shards = sorted((tmp_path / "hf").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    assert not (tmp_path / "hf" / "model.safetensors").exists() and result.max_abs_diff is not None
+    got = {k: v for f in shards for k, v in load_file(str(f)).items()}
+    ref = load_file(str(tp1_export[0] / "model.safetensors"))
+    assert set(ref) == set(got) and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
 def test_cli_rejects_bad_arguments(tmp_path: Path) -> None:
     sys.path.insert(0, str(ROOT / "tools"))
     try:

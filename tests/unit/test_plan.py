@@ -297,3 +297,27 @@ def test_cli_prints_the_owt_1b_table(capsys: pytest.CaptureFixture[str]) -> None
                    "tok/s", "days", "fit"):
         assert column in header
     assert "shipped layout" in out
+
+
+def test_state_bytes_with_nvme_offload() -> None:
+    """parallel.nvme_offload_dir: the fp32 master + Adam state (12 B/param / DP) goes to files; memory
+    keeps the bf16 parameter and gradient partitions and the swapper's 4 fp32 sub-group buffers."""
+    from megatron_lomdm.apps.plan import NVME_BUFFER_COUNT, NVME_SUB_GROUP_NUMEL
+    from megatron_lomdm.distributed import deepspeed_engine
+
+    assert (NVME_BUFFER_COUNT, NVME_SUB_GROUP_NUMEL) == (deepspeed_engine.NVME_BUFFER_COUNT,
+                                                         deepspeed_engine.NVME_SUB_GROUP_NUMEL)
+    n = 1_516_000_000
+    base = state_bytes(n, "deepspeed", 3, 2, bf16=True, ema=False)
+    nvme = state_bytes(n, "deepspeed", 3, 2, bf16=True, ema=False, offload="nvme")
+    assert (nvme.params, nvme.grads) == (base.params, base.grads) == (n, n)  # 2 B / 2 ranks each
+    assert nvme.nvme == base.optimizer == 6 * n and base.nvme == 0
+    assert nvme.optimizer == 4 * NVME_SUB_GROUP_NUMEL * 4
+    assert nvme.total == 2 * n + 4 * NVME_SUB_GROUP_NUMEL * 4
+    small = state_bytes(1000, "deepspeed", 3, 2, bf16=True, ema=False, offload="nvme")
+    assert small.optimizer == 4 * 500 * 4  # a partition smaller than a sub-group
+    assert state_bytes(n, "deepspeed", 3, 2, bf16=True, ema=False, offload="cpu") == base
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        state_bytes(n, "deepspeed", 2, 2, bf16=True, ema=False, offload="nvme")
+    with pytest.raises(ValueError, match="none, cpu or nvme"):
+        state_bytes(n, "deepspeed", 3, 2, bf16=True, ema=False, offload="disk")
