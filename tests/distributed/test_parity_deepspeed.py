@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import zygote
 from tests.helpers.runs import ROOT, TINY, clean_env, read_metrics, train, wait_for_step
 
 pytestmark = pytest.mark.slow
@@ -143,14 +144,12 @@ def test_parity_nan_step_skipped(tiny_shards: Path, tmp_path: Path) -> None:
     """A NaN loss on one DP rank skips the step on all ranks, as megatron does with the step all NaN."""
     common = ("train.steps=4", "checkpoint.interval=0")
     env = clean_env(LOMDM_TEST_NAN_STEP="1")
-    ref = subprocess.run([sys.executable, str(NAN_DRIVER), "--config", TINY, f"run.dir={tmp_path / 'ref'}",
-                          f"data.train={tiny_shards}", *common], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
+    ref = zygote.run([sys.executable, str(NAN_DRIVER), "--config", TINY, f"run.dir={tmp_path / 'ref'}",
+                      f"data.train={tiny_shards}", *common], env=env, cwd=ROOT, timeout=300)
     assert ref.returncode == 0, ref.stderr[-3000:]
     cmd = _torchrun([str(NAN_DRIVER)], tmp_path / "ds", tiny_shards, *common, "parallel.backend=deepspeed",
                     "parallel.zero=1")
-    got = subprocess.run(cmd, cwd=ROOT, env=clean_env(LOMDM_TEST_NAN_STEP="1", LOMDM_TEST_NAN_RANK="1"),
-                         capture_output=True, text=True, timeout=300)
+    got = zygote.run(cmd, env=clean_env(LOMDM_TEST_NAN_STEP="1", LOMDM_TEST_NAN_RANK="1"), cwd=ROOT, timeout=300)
     assert got.returncode == 0, got.stderr[-3000:]
     for run_dir in (tmp_path / "ref", tmp_path / "ds"):
         assert _column(run_dir, "skipped_steps") == [0, 1, 1, 1]

@@ -1,6 +1,7 @@
 """Every megatron-backend layout gives the one-process losses (interface.md: layout-independent).
 
-Launched through the CLI with torchrun (gloo, fp32, tiny model). A shared 4-step reference per
+Launched through the CLI's main under torch's elastic launcher, the library torchrun wraps, with
+workers forked by the suite's fork server (tests/helpers/zygote.py; gloo, fp32, tiny model). A shared 4-step reference per
 family; each layout must write the same per-step losses to metrics.jsonl (relative 1e-5; what we
 observe is ~1e-6: reduction order differs across layouts). Identical losses at steps 2-4 also
 prove that gradients, the optimizer update and (for LoMDM) the masks drawn from e_F agree, since

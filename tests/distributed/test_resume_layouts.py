@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from tests.helpers import zygote
 from tests.helpers.runs import ROOT, clean_env, losses, train
 
 pytestmark = pytest.mark.slow
@@ -27,7 +28,7 @@ def _open_at(run_dir: Path, out: Path, nproc: int, *overrides: str) -> list[dict
     out.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(WORKER), str(run_dir), str(out), *overrides]
-    done = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    done = zygote.run(cmd, env=clean_env(), cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return [torch.load(out / f"rank_{r}.pt", weights_only=True) for r in range(nproc)]
 

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from tests.helpers import zygote
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = "configs/experiments/tiny_cpu.yaml"
 
@@ -30,10 +32,15 @@ def train_cmd(run_dir: Path, shards: Path, *overrides: str, nproc: int = 1, conf
     return [*launcher, "--config", config, f"run.dir={run_dir}", f"data.train={shards}", *overrides]
 
 
-def train(run_dir: Path, shards: Path, *overrides: str, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run the training CLI to completion (under torchrun when nproc > 1)."""
-    return subprocess.run(train_cmd(run_dir, shards, *overrides, nproc=nproc), cwd=ROOT, env=clean_env(),
-                          capture_output=True, text=True, timeout=timeout)
+def train(run_dir: Path, shards: Path, *overrides: str, nproc: int = 1, timeout: int = 300,
+          fresh: bool = False) -> subprocess.CompletedProcess:
+    """Run the training CLI to completion (under torchrun when nproc > 1): in a child of this worker's
+    fork server (tests/helpers/zygote.py), or as a fresh command when `fresh` (a test of the command
+    itself, of what a process does at start-up) or with LOMDM_TEST_FRESH_PROCESSES=1."""
+    cmd, env = train_cmd(run_dir, shards, *overrides, nproc=nproc), clean_env()
+    if fresh:
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return zygote.run(cmd, env=env, cwd=ROOT, timeout=timeout)
 
 
 def start_train(run_dir: Path, shards: Path, *overrides: str, log: Path) -> subprocess.Popen:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from megatron_lomdm.data.loader import ShardLoader
+from tests.helpers import zygote
 from tests.helpers.runs import ROOT, clean_env, train
 
 SAMPLERS = ("ancestral", "exact", "mdlm_cache", "top_prob", "top_margin", "lomdm_top_margin", "remask", "entropy_bound")
@@ -27,8 +28,7 @@ def _cli(tool: str, *args: str, nproc: int = 1, timeout: int = 300) -> subproces
     launcher = [sys.executable]
     if nproc > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return subprocess.run([*launcher, f"tools/{tool}", *map(str, args)], cwd=ROOT, env=clean_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return zygote.run([*launcher, f"tools/{tool}", *map(str, args)], env=clean_env(), cwd=ROOT, timeout=timeout)
 
 
 def _json(proc: subprocess.CompletedProcess) -> dict:

@@ -10,7 +10,6 @@ follows the learned per-position exponents.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from megatron_lomdm.apps.hf_export import load_native_checkpoint
+from tests.helpers import zygote
 from tests.helpers.runs import ROOT, clean_env, losses, read_metrics, train
 
 LEARN = ("diffusion.name=multivariate", "train.steps=4", "checkpoint.interval=2")
@@ -79,10 +79,9 @@ def test_frozen_multivariate_keeps_its_logits(tiny_shards: Path, tmp_path: Path)
 @pytest.mark.slow
 def test_sample_cli_follows_the_learned_exponents(learned_run: Path, tmp_path: Path) -> None:
     """tools/sample.py samples a multivariate run; the per-position e_R it reports are the family's."""
-    out = subprocess.run([sys.executable, "tools/sample.py", "--run-dir", str(learned_run), "--sampler", "exact",
-                          "--steps", str(L), "--num-samples", "2", "--no-ema", "--no-hash",
-                          "--out", str(tmp_path / "s.jsonl")],
-                         cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    out = zygote.run([sys.executable, "tools/sample.py", "--run-dir", str(learned_run), "--sampler", "exact",
+                      "--steps", str(L), "--num-samples", "2", "--no-ema", "--no-hash",
+                      "--out", str(tmp_path / "s.jsonl")], env=clean_env(), cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["num_calls"] == L  # one batch, one backbone call per unmasked position

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.dist_files import fill_dist_tensor
+from tests.helpers import zygote
 from tests.helpers.runs import ROOT, clean_env, train
 
 POISONED = "fwd_head.out.3.weight"  # the forward head's last layer: every exponent becomes NaN
@@ -22,8 +23,7 @@ STEP_FOLDER = "step_0000002"
 
 
 def _tool(tool: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, f"tools/{tool}", *map(str, args)], cwd=ROOT, env=clean_env(),
-                          capture_output=True, text=True, timeout=300)
+    return zygote.run([sys.executable, f"tools/{tool}", *map(str, args)], env=clean_env(), cwd=ROOT, timeout=300)
 
 
 def _poison_ema(step_dir: Path, key: str) -> int:

@@ -1,4 +1,6 @@
-"""End to end through the CLI: `python -m megatron_lomdm.train` and its torchrun TP=2 form.
+"""End to end through the CLI: `python -m megatron_lomdm.train` and its torchrun TP=2 form (the first
+run and the bad-layout launch as fresh commands, the rest through the suite's fork server,
+tests/helpers/zygote.py, which runs the same `main` under the same launcher library).
 
 For every family the per-step losses written to metrics.jsonl by one process and by two
 tensor-parallel processes agree to a relative 1e-5 (interface.md: noise and data order do not
@@ -19,7 +21,7 @@ from tests.helpers.runs import losses, read_metrics, train
 
 def test_train_cli_writes_run_dir(tiny_shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    out = train(run_dir, tiny_shards, "train.steps=4", "checkpoint.interval=2")
+    out = train(run_dir, tiny_shards, "train.steps=4", "checkpoint.interval=2", fresh=True)  # the command itself
     assert out.returncode == 0, out.stderr[-3000:]
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -66,7 +68,7 @@ def test_parity_tp2_cli(family: str, tiny_shards: Path, tmp_path: Path) -> None:
 
 
 def test_bad_layout_fails_before_work(tiny_shards: Path, tmp_path: Path) -> None:
-    out = train(tmp_path / "bad", tiny_shards, "parallel.tp=4", nproc=2, timeout=120)
+    out = train(tmp_path / "bad", tiny_shards, "parallel.tp=4", nproc=2, timeout=120, fresh=True)  # torchrun itself
     assert out.returncode != 0
     assert "parallel.tp" in out.stderr and "world size 2" in out.stderr
 

@@ -24,6 +24,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
+from tests.helpers import zygote
 from tests.helpers.runs import ROOT, clean_env, train, train_cmd
 
 pytestmark = pytest.mark.slow
@@ -129,8 +130,8 @@ def _reseal(step_dir: Path) -> None:
 def test_resume_refuses_code_in_checkpoint(case: str, trained, tiny_shards: Path, tmp_path: Path) -> None:
     backend, poison, env = CASES[case]
     run_dir, marker, poisoned = _poisoned_copy(trained, backend, poison, tmp_path)
-    out = subprocess.run(train_cmd(run_dir, tiny_shards, "train.steps=2", "checkpoint.interval=1", *BACKENDS[backend]),
-                         cwd=ROOT, env=clean_env(**env), capture_output=True, text=True, timeout=300)
+    out = zygote.run(train_cmd(run_dir, tiny_shards, "train.steps=2", "checkpoint.interval=1", *BACKENDS[backend]),
+                     env=clean_env(**env), cwd=ROOT, timeout=300)
     assert not marker.exists(), "the checkpoint's payload ran"
     assert out.returncode == 2, out.stderr[-3000:]
     assert f"refusing to load {poisoned}" in out.stderr and REFUSAL in out.stderr, out.stderr[-3000:]
@@ -141,8 +142,8 @@ def test_resume_of_an_honest_checkpoint_passes(backend: str, trained, tiny_shard
     """Everything a real checkpoint of each backend holds is on the allowlist."""
     run_dir = tmp_path / "run"
     shutil.copytree(trained(backend), run_dir)
-    out = subprocess.run(train_cmd(run_dir, tiny_shards, "train.steps=2", "checkpoint.interval=1", *BACKENDS[backend]),
-                         cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    out = zygote.run(train_cmd(run_dir, tiny_shards, "train.steps=2", "checkpoint.interval=1", *BACKENDS[backend]),
+                     env=clean_env(), cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000002"
 

@@ -76,7 +76,7 @@ def test_tiny_cli_run_starts_with_a_log_line(tiny_shards: Path, tmp_path: Path) 
     """A tracked tiny training: its stderr opens with our log line and holds none of the silenced lines."""
     from tests.helpers.runs import train
 
-    out = train(tmp_path / "run", tiny_shards, "train.steps=1", "tracking.enabled=true", timeout=240)
+    out = train(tmp_path / "run", tiny_shards, "train.steps=1", "tracking.enabled=true", timeout=240, fresh=True)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stderr.splitlines()
     assert lines and _LOG_LINE.match(lines[0]), f"stderr does not start with a log line:\n{out.stderr[:3000]}"
