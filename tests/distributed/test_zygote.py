@@ -30,7 +30,7 @@ def _log_shape(stderr: str) -> list[tuple[str, str, str]]:
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_fork_server_run_equals_a_fresh_command(nproc: int, tiny_shards: Path, tmp_path: Path) -> None:
     if not zygote.enabled():
-        pytest.skip("LOMDM_TEST_FRESH_PROCESSES=1: every run is a fresh command already")
+        pytest.skip("the fork server is switched off (LOMDM_TEST_FRESH_PROCESSES=1): no forked run to compare")
     fresh = train(tmp_path / "fresh", tiny_shards, *STEPS, nproc=nproc, fresh=True)
     forked = train(tmp_path / "forked", tiny_shards, *STEPS, nproc=nproc)
     assert fresh.returncode == forked.returncode == 0, (fresh.stderr[-2000:], forked.stderr[-2000:])

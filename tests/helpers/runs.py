@@ -37,10 +37,8 @@ def train(run_dir: Path, shards: Path, *overrides: str, nproc: int = 1, timeout:
     """Run the training CLI to completion (under torchrun when nproc > 1): in a child of this worker's
     fork server (tests/helpers/zygote.py), or as a fresh command when `fresh` (a test of the command
     itself, of what a process does at start-up) or with LOMDM_TEST_FRESH_PROCESSES=1."""
-    cmd, env = train_cmd(run_dir, shards, *overrides, nproc=nproc), clean_env()
-    if fresh:
-        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    return zygote.run(cmd, env=env, cwd=ROOT, timeout=timeout)
+    return zygote.run(train_cmd(run_dir, shards, *overrides, nproc=nproc), env=clean_env(), cwd=ROOT,
+                      timeout=timeout, fresh=fresh)
 
 
 def start_train(run_dir: Path, shards: Path, *overrides: str, log: Path) -> subprocess.Popen:

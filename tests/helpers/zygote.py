@@ -113,10 +113,12 @@ def split_command(cmd: list[str]) -> tuple[list[str], list[str], int]:
     return cmd[1:2], cmd[2:], nproc
 
 
-def run(cmd: list[str], *, env: dict[str, str], cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
+def run(cmd: list[str], *, env: dict[str, str], cwd: Path = ROOT, timeout: float = 300,
+        fresh: bool = False) -> subprocess.CompletedProcess:
     """`cmd` (a python or torchrun command line, see `split_command`) to completion with its output
-    captured: through this pytest process's fork server, or as a fresh process when the server is off."""
-    if not enabled():
+    captured: through this pytest process's fork server, or as a fresh process when `fresh` or when the
+    server is off."""
+    if fresh or not enabled():
         return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     return server(env).run(cmd, env=env, cwd=cwd, timeout=timeout)
 
