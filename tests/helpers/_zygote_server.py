@@ -13,6 +13,8 @@ runs a request in its own interpreter, so nothing carries over from one request 
 
 from __future__ import annotations
 
+import gc
+import importlib
 import json
 import os
 import runpy
@@ -31,6 +33,21 @@ import megatron_lomdm.apps.artifacts  # noqa: E402, F401
 import megatron_lomdm.apps.train  # noqa: E402, F401
 import megatron_lomdm.training.loop  # noqa: E402, F401
 import torch.distributed.run  # noqa: E402, F401
+
+# ...and what it imports on first use, ~1-2 CPU-s per run otherwise: the engines and megatron's parts
+# they build, the optimizer step's torch._dynamo, DeepSpeed's initialize (its op registry, ZeRO's
+# optimizers, functorch.compile, networkx), and the tools the tests also run through the server
+for _name in ("megatron_lomdm.distributed.cpu_compat", "megatron_lomdm.distributed.megatron_engine",
+              "megatron_lomdm.distributed.deepspeed_engine", "megatron.core.models.gpt.gpt_layer_specs",
+              "megatron.core.transformer.attention", "megatron.core.dist_checkpointing.strategies.torch",
+              "torch._dynamo", "functorch.compile", "deepspeed.ops.op_builder.all_ops", "deepspeed.runtime.zero.muon.muon_optimizer",
+              "networkx", "megatron_lomdm.apps.evaluate", "megatron_lomdm.apps.sample", "megatron_lomdm.apps.hf_export"):
+    importlib.import_module(_name)
+
+# What the imports built lives as long as any child: frozen, it is skipped by every collection in the
+# children, also by the full one at a launcher child's interpreter exit (~2 s over this heap; the
+# commands' own `quick_exit_gc` covers only the processes that run `main`). Copy-on-write pages stay shared.
+gc.freeze()
 
 
 def _run_main(target: list[str], args: list[str]) -> None:
@@ -55,12 +72,23 @@ def _worker(target: list[str], args: list[str]) -> None:
             raise
 
 
+def _method_name(depth: int = 2) -> str:
+    """`dynamic_rendezvous.get_method_name` without `inspect.stack()`: that builds source context for
+    every frame by searching all of sys.modules, which here holds the whole training stack (a fresh
+    torchrun has torch only), so the rendezvous's event records cost ~8 s per launch."""
+    frame = sys._getframe(depth)  # 0: this function, 1: the event recorder, 2: the method it names
+    return frame.f_code.co_name if frame is not None else "no_method_name"
+
+
 def _launch(target: list[str], args: list[str], nproc: int) -> int:
     if nproc == 1:
         _run_main(target, args)
         return 0
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    dynamic_rendezvous.get_method_name = _method_name
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
