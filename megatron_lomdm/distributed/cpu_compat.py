@@ -18,6 +18,12 @@ Shims:
        CPU tensors and ``t.type("torch.cuda.X")`` means ``t.type("torch.X")`` (distributed
        optimizer, megatron's grad clipping).
 
+    5. ``skip_deepspeed_shm_comm`` (DeepSpeed backend): DeepSpeed's comm layer JIT-compiles its
+       shared-memory all-reduce op (``deepspeed_shm_comm``, ~25 s on 2 cores, per machine) when it
+       starts on a CPU. Only DeepSpeed-inference's ``inference_all_reduce`` calls it; training's
+       collectives go through torch.distributed (gloo), so the op is declared unavailable and
+       DeepSpeed falls back to torch.distributed, as it does where the op cannot build.
+
 Which features need which shims (megatron-core 0.16.1):
     * GPTModel forward/backward, TP, torch optimizer: 1 + 2.
     * forward/backward schedules (even PP=1), mcore DDP, ChainedOptimizer: 1 + 2 + 3 (+ 4).
@@ -121,6 +127,17 @@ class _CudaToCpuMode(TorchFunctionMode):
                 requested = requested.replace("torch.cuda.", "torch.")
             return func(args[0], requested, **kwargs)
         return func(*args, **kwargs)
+
+
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def skip_deepspeed_shm_comm() -> None:
+    """Shim 5: DeepSpeed's comm backend, created by ``deepspeed.initialize``, skips building its
+    shared-memory all-reduce op (training does not use it; see the module docstring)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
 
 
 @dataclass

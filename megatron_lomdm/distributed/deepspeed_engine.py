@@ -92,6 +92,7 @@ from megatron.core import parallel_state
 from torch import nn
 
 from megatron_lomdm.config import Config
+from megatron_lomdm.distributed.cpu_compat import skip_deepspeed_shm_comm
 from megatron_lomdm.distributed.init import launch_env_from
 from megatron_lomdm.distributed.params import SHARDING, decays, is_head_param
 from megatron_lomdm.utils.logging import get_logger
@@ -301,6 +302,8 @@ class DeepSpeedEngine:
         if stage == 3:  # the family's parameters are used in DiffusionLM.forward, not in family.forward
             for p in model.family.parameters():
                 deepspeed.zero.register_external_parameter(step_module, p)
+        if not torch.cuda.is_available():
+            skip_deepspeed_shm_comm()
         # DeepSpeed asserts LOCAL_RANK, which only torchrun sets; a plain or Slurm launch has its own.
         os.environ.setdefault("LOCAL_RANK", str(launch_env_from(os.environ).local_rank))
         self.ds, _, _, _ = deepspeed.initialize(model=step_module, optimizer=optimizer, config=config,

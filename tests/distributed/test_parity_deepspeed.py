@@ -17,8 +17,8 @@ ZeRO's accounting (performance.md §A2; per-element sizes P, G and K = 12 for fp
 | ZeRO-2 | 4+2+6 = 12.00 | P + (G+K)/2 = 12       | 2+1+6 = 9.00            | 9              |
 | ZeRO-3 | 2+2+6 = 10.00 | (P+G+K)/2 = 10         | 1+1+6 = 8.00            | 8              |
 
-DeepSpeed's first CPU start JIT-compiles `deepspeed_shm_comm` (~25 s, cached under
-TORCH_EXTENSIONS_DIR); afterwards a 2-process run takes ~8 s on a quiet machine.
+On CPU the engine does not JIT-compile DeepSpeed's `deepspeed_shm_comm` op (inference-only; it cost
+the suite's first DeepSpeed run ~25-80 s on a fresh machine): cpu_compat shim 5, asserted below.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class Runs:
             run_dir = self.root / name
             out = train(run_dir, self.shards, *COMMON, *overrides, nproc=nproc)
             assert out.returncode == 0, f"{name} failed:\n{out.stderr[-4000:]}"
-            self.done[name] = (run_dir, out.stderr)
+            self.done[name] = (run_dir, out.stdout + out.stderr)
         return self.done[name]
 
     def reference(self, family: str) -> Path:
@@ -94,8 +94,10 @@ def _column(run_dir: Path, key: str, kind: str = "train") -> list[float]:
 @pytest.mark.parametrize(("family", "zero", "tp"), LAYOUTS, ids=[f"{f}-zero{z}-tp{t}" for f, z, t in LAYOUTS])
 def test_parity_deepspeed_vs_megatron(family: str, zero: int, tp: int, runs: Runs) -> None:
     ref = runs.reference(family)
-    got, stderr = runs.deepspeed(family, zero, tp)
-    assert f"DeepSpeed ZeRO-{zero} engine: dp={2 // tp} tp={tp}, {4 // (2 // tp)} micro-batches" in stderr
+    got, log = runs.deepspeed(family, zero, tp)
+    assert f"DeepSpeed ZeRO-{zero} engine: dp={2 // tp} tp={tp}, {4 // (2 // tp)} micro-batches" in log
+    # on CPU the engine never JIT-builds DeepSpeed's shared-memory all-reduce (cpu_compat shim 5)
+    assert "deepspeed_shm_comm" not in log
     assert len(_column(got, "loss")) == 3
     assert _column(got, "loss") == pytest.approx(_column(ref, "loss"), rel=1e-5)
     assert _column(got, "grad_norm") == pytest.approx(_column(ref, "grad_norm"), rel=1e-5)
