@@ -119,7 +119,8 @@ def run(cmd: list[str], *, env: dict[str, str], cwd: Path = ROOT, timeout: float
     captured: through this pytest process's fork server, or as a fresh process when `fresh` or when the
     server is off."""
     if fresh or not enabled():
-        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)  # as the server's children
     return server(env).run(cmd, env=env, cwd=cwd, timeout=timeout)
 
 

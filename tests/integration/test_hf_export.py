@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import FileSystemReader
 
 from megatron_lomdm.apps import hf_export
+from tests.helpers import zygote
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = "configs/experiments/tiny_cpu.yaml"
@@ -38,8 +39,11 @@ def _env(hf_home: Path) -> dict[str, str]:
 
 
 def _run(cmd: list[str], hf_home: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    out = subprocess.run(cmd, cwd=ROOT, env=_env(hf_home), capture_output=True, text=True,
-                         timeout=timeout, stdin=subprocess.DEVNULL)
+    """`cmd` to success: a `python -c` script (what loads an export with `transformers`) as a fresh
+    process, the project's commands through the fork server (tests/helpers/zygote.py; the export's
+    --verify still loads it in a fresh process of its own)."""
+    fresh = cmd[1:2] == ["-c"]
+    out = zygote.run(cmd, env=_env(hf_home), cwd=ROOT, timeout=timeout, fresh=fresh)
     assert out.returncode == 0, f"{cmd}\n{out.stderr[-4000:]}"
     return out
 
@@ -243,6 +247,7 @@ _FIRST_STEP_FROM_EXPORT = r"""
 import json, sys, torch
 from safetensors.torch import load_file
 from megatron_lomdm.apps import hf_export
+from tests.helpers import zygote
 from megatron_lomdm.config import load_config
 from megatron_lomdm.config.load import replace
 from megatron_lomdm.training.build import build_run
