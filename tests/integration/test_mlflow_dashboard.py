@@ -51,6 +51,8 @@ def test_dashboard_in_a_browser(browser: str, tiny_shards: Path, tmp_path: Path)
     t0 = time.time()
     with MlflowServer(f"sqlite:///{tmp_path / 'mlflow.db'}", (tmp_path / "artifacts").as_uri(),
                       log=tmp_path / "server.log", env=clean_env()) as server:
+        # started without MLflow's job runner (this project submits no MLflow jobs; ~20 s of start-up)
+        assert "mlflow.server.jobs" not in server.log.read_text()
         run_dir = tmp_path / "run"
         out = train(run_dir, tiny_shards, "train.steps=4", "train.eval_interval=2", "train.eval_batches=1",
                     "tracking.enabled=true", f"tracking.uri={server.uri}", "tracking.experiment=dashboard",

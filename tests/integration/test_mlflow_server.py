@@ -29,7 +29,9 @@ def _start_server(tmp: Path) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
            "--default-artifact-root", (tmp / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1"]
-    proc = subprocess.Popen(cmd, cwd=tmp, env=clean_env(), stdout=(tmp / "server.log").open("w"),
+    # without MLflow's job runner, as tracking/ui.py starts it (this project submits no MLflow jobs)
+    proc = subprocess.Popen(cmd, cwd=tmp, env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+                            stdout=(tmp / "server.log").open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90

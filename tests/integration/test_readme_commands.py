@@ -15,8 +15,10 @@ Differences from a user's shell, all of them:
 - `make demo` is stood in for by its own stages (`tools/demo.py`: `data_stages`, `train_command`),
   with the training shortened to `LOMDM_README_DEMO_STEPS` steps (default 4; 200 is the demo's own
   length, ~2 min on 2 cores). The README's commands read that run; none depends on its length.
-- `mlflow ui` / `mlflow server` get a free port instead of the README's 5000. They are started,
-  must answer `/health` and list the demo's run over the REST API, and are then stopped.
+- `mlflow ui` / `mlflow server` get a free port instead of the README's 5000, and start without
+  MLflow's job runner (`MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false`: huey consumers for MLflow jobs,
+  which nothing here submits; they cost ~20 s of start-up on 2 cores). They are started, must answer
+  `/health` and list the demo's run over the REST API, and are then stopped.
 - A command that needs a program the machine may lack (`REQUIRES`: headless Chromium) gets it the
   way the browser test does, or is skipped with the reason.
 
@@ -168,7 +170,8 @@ def _serve_and_check(command: str, cwd: Path) -> None:
     port = _free_port()
     command = re.sub(r"--port \d+", f"--port {port}", command) if "--port" in command else f"{command} --port {port}"
     log = cwd / f"mlflow_{port}.log"
-    proc = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=cwd, env=_shell_env(), stdout=log.open("w"),
+    env = dict(_shell_env(), MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    proc = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=cwd, env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     base, deadline = f"http://127.0.0.1:{port}", time.time() + SERVER_TIMEOUT_S
     try:
