@@ -99,7 +99,7 @@ def case(family: str, precision: str, rng: torch.Tensor) -> dict[str, Any]:
     partitioned = all(is_zero_param(p) and p.data.numel() == 0 and p.ds_tensor.numel() <= -(-p.ds_numel // 2)
                       for p in backbone.values())
     heads_whole = not any(is_zero_param(p) for n, p in params.items() if n not in backbone)
-    local = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in backbone.values())
+    local = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in backbone.values() if is_zero_param(p))
     same, dtypes = True, set()
     for name, p in params.items():
         with deepspeed.zero.GatheredParameters([p]):
