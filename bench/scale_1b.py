@@ -285,13 +285,15 @@ def planner(args: argparse.Namespace, shards: Path) -> dict[str, Any]:
     act = plan.activation_bytes(m, lay)
     return {"num_params": n, "state": {k: getattr(st, k) for k in ("params", "grads", "optimizer", "ema", "nvme")},
             "state_total": st.total, "activation_peak": act.peak, "model_bf16": 2 * n, "model_fp32": 4 * n,
+            "build": plan.build_bytes(m, lay), "build_unpartitioned": plan.build_bytes(m, lay, partitioned=False),
             "recompute": m.recompute}
 
 
 def predictions(p: dict[str, Any], baseline: int) -> dict[str, float]:
     """Peak RSS per process and phase: the import baseline + the planner's bytes for what that phase holds.
 
-    train/resume rank: baseline + the whole bf16 model before ZeRO-3 partitions it (build), or the
+    train/resume rank: baseline + what a rank holds while building its partitioned model
+        (`plan.build_bytes`: its backbone partition, the heads whole, the LM head's init draw), or the
         ZeRO-3 + NVMe state (bf16 parameter and gradient partitions, swap buffers) + activations
         (steps); the saving rank (DP rank 0) adds one full bf16 copy (`_save_zero3_model`).
     evaluate: under torchrun on the run's layout (DeepSpeed loads its partitions only there): a
@@ -301,8 +303,8 @@ def predictions(p: dict[str, Any], baseline: int) -> dict[str, float]:
     """
     b = baseline
     step = b + p["state_total"] + p["activation_peak"]
-    return {"build": b + p["model_bf16"], "step": step, "save_rank0": step + p["model_bf16"],
-            "evaluate": max(b + p["model_bf16"], step), "export": b + p["model_fp32"] + min(GiB, p["model_fp32"]),
+    return {"build": b + p["build"], "step": step, "save_rank0": step + p["model_bf16"],
+            "evaluate": max(b + p["build"], step), "export": b + p["model_fp32"] + min(GiB, p["model_fp32"]),
             "verify": b + p["model_fp32"]}
 
 

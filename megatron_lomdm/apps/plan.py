@@ -275,6 +275,51 @@ def state_bytes(num_params: int, backend: str, zero: int, dp: int, *, bf16: bool
     )
 
 
+def partitions_at_build(lay: Layout) -> bool:
+    """Whether ``training.build`` builds this layout's backbone already partitioned (DeepSpeed
+    ZeRO-3: ``deepspeed_engine.partitioned_build``)."""
+    return lay.backend == "deepspeed" and lay.zero == 3
+
+
+def _weight_init_bytes(full: int, local: int, p: int) -> int:
+    """Bytes megatron's ``_initialize_affine_weight_cpu`` holds for one weight of ``full`` elements
+    (this rank's slice: ``local``) besides the parameter: the full fp32 draw, its cast to ``p``
+    bytes and the concatenated slice, all alive at once (measured: the allocator peak of a build)."""
+    return 4 * full + (full * p if p != 4 else 0) + local * p
+
+
+def build_bytes(m: ModelPlan, lay: Layout, *, partitioned: bool | None = None) -> float:
+    """Host bytes a rank holds at the peak of building its model (``training.build.build_model``
+    with ``model.init_device=cpu``) and handing it to its engine; the busiest rank (last stage).
+
+    Two moments, the larger counts:
+      * the last backbone weight (the LM head, padded V x D) being drawn: the modules built before
+        it, plus its full fp32 draw, its cast and its slice (``_weight_init_bytes``);
+      * the end: the backbone, plus the scheduler heads built whole in fp32 and, in bf16, cast
+        one parameter at a time (one 4D x D MLP matrix's copy besides).
+    ``partitioned`` (default: ``partitions_at_build``): each backbone module is partitioned over
+    DP as soon as it is built, so the modules built so far count ``1/dp``; the heads stay whole
+    until the engine partitions them. ``partitioned=False`` under ZeRO-3 is a plain build (this
+    code before its partitioned build): the whole model and, at ``deepspeed.initialize``, DeepSpeed's
+    partitions of it besides.
+    ZeRO 0-2 engines' flat-buffer copies are not modelled here.
+    """
+    if partitioned is None:
+        partitioned = partitions_at_build(lay)
+    p = 2 if m.bf16 else 4
+    params = stage_params(m, lay.tp, lay.pp, lay.pp - 1)
+    heads = m.head_params  # on the last stage
+    backbone = params - heads
+    out_full = m.padded_vocab * m.hidden_size
+    out_local = out_full // lay.tp
+    share = 1 / lay.dp if partitioned else 1.0
+    drawing = (backbone - out_local) * p * share + out_local * p + _weight_init_bytes(out_full, out_local, p)
+    end = backbone * p * share + heads * 4 + (4 * m.hidden_size**2 * p if heads and p != 4 else 0)
+    if lay.backend == "deepspeed" and lay.zero == 3 and not partitioned:
+        end = max(end, params * p * (1 + 1 / lay.dp))  # deepspeed.initialize: whole model + partitions
+    return max(drawing, end)
+
+
 # ---------------------------------------------------------------------------------------------
 # activations
 

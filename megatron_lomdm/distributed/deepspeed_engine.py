@@ -79,6 +79,7 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -128,6 +129,37 @@ def check_nvme_offload(path: str) -> Path:
         raise ValueError("config: parallel.nvme_offload_dir: DeepSpeed's async_io op is unavailable: it needs libaio "
                          "(`apt-get install -y libaio-dev` on Debian/Ubuntu, `yum install libaio-devel` on RHEL)")
     return folder.resolve()
+
+
+def partitioned_build(cfg: Config) -> contextlib.AbstractContextManager[Any]:
+    """The context `training.build` constructs the model in: ZeRO-3 partitions each module's
+    parameters over the DP group at the end of its `__init__` (DeepSpeed's `zero.Init`), so no rank
+    ever holds the whole model; other stages and backends build as before (a null context).
+
+    The weights are those of a plain build: megatron's `use_cpu_initialization` draws each full
+    weight and slices it inside the layer's `__init__`, before the partition. DeepSpeed's tensor
+    overrides (which would create every tensor, megatron's fp32 init draws included, in bf16) and
+    its memory-efficient linear (a global `F.linear` replacement) are off; a bf16 run casts each
+    parameter to bf16 just before its partition, as `build_model`'s cast of the whole model would.
+    """
+    if cfg.parallel.backend != "deepspeed" or cfg.parallel.zero != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import is_zero_param
+
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+
+    class _CastThenPartition(deepspeed.zero.Init):
+        def _post_init_method(self, module: nn.Module) -> None:
+            for p in module.parameters(recurse=False):
+                if p.is_floating_point() and p.dtype != dtype and not is_zero_param(p):
+                    p.data = p.data.to(dtype)
+            super()._post_init_method(module)
+
+    os.environ.setdefault("LOCAL_RANK", str(launch_env_from(os.environ).local_rank))
+    deepspeed.init_distributed(dist_init_required=False)  # as deepspeed.initialize does, on the existing groups
+    return _CastThenPartition(data_parallel_group=parallel_state.get_data_parallel_group(), dtype=dtype,
+                              mem_efficient_linear=False, tensor_overrides=[])
 
 
 def megatron_mpu() -> types.SimpleNamespace:
@@ -295,7 +327,7 @@ class DeepSpeedEngine:
         described = [(g["name"], len(g["params"]), g["lr"]) for g in groups]  # DeepSpeed flattens the groups
         self.nvme = check_nvme_offload(cfg.parallel.nvme_offload_dir) if cfg.parallel.nvme_offload_dir else None
         optimizer = self._optimizer(groups, cfg)
-        numel = sum(p.numel() for p in model.parameters())
+        numel = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # partitioned: full size
         cap = NVME_BUCKET_NUMEL if self.nvme else DEFAULT_BUCKET_NUMEL
         config = deepspeed_config(cfg, dp=self.dp, num_microbatches=self.num_microbatches,
                                   bucket_numel=min(cap, max(numel, 1)), engine_clips=self._engine_clips)

@@ -24,4 +24,5 @@ def decays(name: str, param: torch.Tensor) -> bool:
     (GenMD4's exponents).
     """
     is_family = name.startswith("family.") or ".family." in name
-    return param.dim() >= 2 and not is_family
+    dims = len(getattr(param, "ds_shape", param.shape))  # ZeRO-3 partitioned: the full shape
+    return dims >= 2 and not is_family

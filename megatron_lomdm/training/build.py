@@ -20,6 +20,7 @@ from megatron_lomdm.data.shards import Manifest, check_tokenizer_compat
 from megatron_lomdm.diffusion.base import DiffusionFamily
 from megatron_lomdm.diffusion.registry import build_family
 from megatron_lomdm.distributed.init import ParallelInfo, destroy_distributed, init_distributed
+from megatron_lomdm.distributed.deepspeed_engine import partitioned_build
 from megatron_lomdm.distributed.engine import Engine, build_engine
 from megatron_lomdm.models.backbone import build_backbone_chunks, use_cpu_initialization
 from megatron_lomdm.models.diffusion_lm import DiffusionLM, ModelChunks
@@ -87,13 +88,17 @@ def build_model(cfg: Config, info: ParallelInfo) -> DiffusionLM | ModelChunks:
     on_cpu = use_cpu_initialization(m.init_device)
     ends = [(parallel_state.is_pipeline_first_stage(ignore_virtual=vp == 1, vp_stage=i),
              parallel_state.is_pipeline_last_stage(ignore_virtual=vp == 1, vp_stage=i)) for i in range(vp)]
-    backbones = build_backbone_chunks(
-        num_layers=m.num_layers, hidden_size=m.hidden_size, num_heads=m.num_heads, ffn_hidden_size=m.ffn_size,
-        vocab_size=m.vocab_size, seq_length=m.seq_length, mask_id=m.mask_id, dropout=m.dropout,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
-        recompute=None if m.recompute == "none" else m.recompute, use_cpu_initialization=on_cpu,
-        stage_ends=ends, sequence_parallel=cfg.parallel.sequence_parallel, init_method_std=m.init_method_std,
-    )
+    # ZeRO-3: each backbone module is partitioned as soon as it is built, so no rank holds the whole
+    # backbone. The heads and the family are built whole (small; SchedulerHead zeroes its output
+    # layer after building it, which a partitioned layer would ignore) and DeepSpeed partitions them.
+    with partitioned_build(cfg):
+        backbones = build_backbone_chunks(
+            num_layers=m.num_layers, hidden_size=m.hidden_size, num_heads=m.num_heads, ffn_hidden_size=m.ffn_size,
+            vocab_size=m.vocab_size, seq_length=m.seq_length, mask_id=m.mask_id, dropout=m.dropout,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
+            recompute=None if m.recompute == "none" else m.recompute, use_cpu_initialization=on_cpu,
+            stage_ends=ends, sequence_parallel=cfg.parallel.sequence_parallel, init_method_std=m.init_method_std,
+        )
     # Heads are built with the default RNG, which init_distributed seeds identically on every rank,
     # so they start bit-identical across TP ranks (and DP ranks); with init on the accelerator they
     # are drawn there (the CUDA default RNG, seeded alike on every rank too).
@@ -120,6 +125,7 @@ def build_model(cfg: Config, info: ParallelInfo) -> DiffusionLM | ModelChunks:
         # LayerNorms in fp32): the bf16 optimizer keeps fp32 masters for all of them, and its
         # checkpointing cannot map fp32 parameters beside bf16 ones. Scheduler and loss math still
         # runs in fp32 (inputs are upcast; the scheduler heads upcast their bf16 weights too).
+        # ZeRO-3's partitioned backbone parameters are bf16 already (`partitioned_build`).
         model = model.to(torch.bfloat16)
     return model.to(info.device)
 

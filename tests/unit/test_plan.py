@@ -30,8 +30,10 @@ from megatron_lomdm.apps.plan import (
     ModelPlan,
     activation_bytes,
     backbone_saved_bytes,
+    build_bytes,
     head_activation_bytes,
     phase_two_saved_bytes,
+    partitions_at_build,
     plan_layout,
     stage_flops_per_microbatch,
     stage_params,
@@ -45,6 +47,7 @@ MEASURED = json.loads((Path(__file__).parent / "plan_zero_memory.json").read_tex
 PADDING = 1e-4  # flat buffers are padded to alignment: <= 512 bytes in 9M-parameter buffers here
 ACT_TOLERANCE = 0.005  # measured saved-for-backward bytes vs predicted (observed: <= 0.07%)
 PEAK_BAND = (0.97, 1.08)  # predicted / measured activation peak (observed: 0.998-1.046)
+BUILD_TOLERANCE = 0.03  # predicted / measured allocator peak of a plain build (observed: 0.999-1.012)
 
 
 def tiny_plan(*, layers: int, d: int, heads: int, T: int, V: int, b: int, bf16: bool = False,
@@ -86,6 +89,60 @@ def test_real_model_parameters_per_rank() -> None:
     with megatron_cpu_session(tp=1, pp=1, seed=0, cuda_to_cpu=True, fake_cuda_types=True):
         model = _diffusion_lm(m)
         assert sum(p.numel() for p in model.parameters()) == stage_params(m, 1, 1, 0)
+
+
+# ---- the build ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(("layers", "d", "V"), [(2, 64, 200), (4, 128, 2000), (2, 256, 8192)])
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_build_bytes_equal_the_allocator_peak_of_a_build(layers: int, d: int, V: int, bf16: bool) -> None:
+    """`training.build.build_model` (CPU init, one process): the allocator's peak while it builds
+    the model (heads first-heavy at V=200, LM-head-heavy at V=8192) against `build_bytes`."""
+    from megatron_lomdm.config.schema import (
+        Config,
+        DiffusionConfig,
+        ModelConfig,
+        OptimConfig,
+        ParallelConfig,
+        TrainConfig,
+    )
+    from megatron_lomdm.distributed.init import parallel_info
+    from megatron_lomdm.training.build import build_model
+
+    cfg = Config(model=ModelConfig(num_layers=layers, hidden_size=d, num_heads=4, seq_length=16, vocab_size=V,
+                                   mask_id=V - 1, pad_id=V - 2, init_device="cpu"),
+                 diffusion=DiffusionConfig(name="lomdm"), optim=OptimConfig(warmup_steps=0, ema_decay=0.0),
+                 train=TrainConfig(precision="bf16" if bf16 else "fp32", micro_batch_size=1, global_batch_size=1),
+                 parallel=ParallelConfig(overlap_grad_reduce=False))
+    with megatron_cpu_session(tp=1, pp=1, seed=0, cuda_to_cpu=True, fake_cuda_types=True):
+        measured = _allocator_peak(lambda: build_model(cfg, parallel_info()))
+    m = tiny_plan(layers=layers, d=d, heads=4, T=16, V=V, b=1, bf16=bf16)
+    lay = Layout(tp=1, pp=1, dp=1, backend="megatron", zero=0, micro_batch_size=1)
+    assert build_bytes(m, lay) == pytest.approx(measured, rel=BUILD_TOLERANCE)
+
+
+def test_zero3_build_is_partitioned() -> None:
+    """ZeRO-3 builds the backbone partitioned (tests/distributed/test_zero3_build.py): a rank holds
+    its 1/dp of the backbone, the heads whole and the LM head's init transients; a plain build
+    (the code before) holds the whole model and then DeepSpeed's partitions of it besides."""
+    m = tiny_plan(layers=24, d=2048, heads=16, T=128, V=50258, b=1, bf16=True)  # owt_1b's shape
+    z3 = Layout(tp=1, pp=1, dp=2, backend="deepspeed", zero=3, micro_batch_size=1)
+    assert partitions_at_build(z3) and not partitions_at_build(dataclasses.replace(z3, zero=2))
+    assert build_bytes(m, z3) == build_bytes(m, z3, partitioned=True)
+    n = stage_params(m, 1, 1, 0)
+    plain = build_bytes(m, z3, partitioned=False)
+    assert plain == pytest.approx(2 * n * 1.5)  # bf16 whole model + its DP=2 partitions
+    out = m.padded_vocab * m.hidden_size
+    backbone = n - m.head_params
+    drawing = (backbone - out) + 2 * out + (4 + 2 + 2) * out  # 1/2 of 2 B/param, the LM head whole + init
+    end = backbone + 4 * m.head_params + 4 * m.hidden_size**2 * 2
+    assert build_bytes(m, z3) == pytest.approx(max(drawing, end))
+    assert build_bytes(m, z3) < 0.55 * plain  # 2.18 vs 4.26 GiB; the LM head's init draw is most of the rest
+    # more DP ranks shrink the partition, not the heads or the LM head's transients
+    wide = build_bytes(m, dataclasses.replace(z3, dp=8))
+    assert 4 * m.head_params < wide < build_bytes(m, z3)
+    # ZeRO 0-2 and megatron build plainly, partitioned or not
+    z2 = dataclasses.replace(z3, zero=2)
+    assert build_bytes(m, z2) == build_bytes(m, z2, partitioned=False) > 2 * n
 
 
 def test_tp2_and_pp2_ranks(tmp_path: Path) -> None:
