@@ -1,7 +1,7 @@
 """ZeRO-3 builds the model partitioned (issue 21 §3): no rank holds the whole backbone while
 `training.build.build_model` runs, and the weights are those of a plain build.
 
-One torchrun launch of `_zero3_build_worker.py` (2 gloo processes, an 8-layer d=64 model, LoMDM
+One torchrun launch (through the suite's fork server) of `_zero3_build_worker.py` (2 gloo processes, an 8-layer d=64 model, LoMDM
 and MDLM, fp32 and bf16; CPU allocator peaks from the profiler's memory events).
 """
 
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import zygote
 from tests.helpers.runs import ROOT
 
 
@@ -23,10 +23,9 @@ def test_zero3_build_is_partitioned_with_the_plain_weights(tmp_path: Path) -> No
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     report = tmp_path / "report.json"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2",
-                           str(Path(__file__).with_name("_zero3_build_worker.py")), str(report)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = zygote.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                       str(Path(__file__).with_name("_zero3_build_worker.py")), str(report)],
+                      env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for rank in (0, 1):
         got = json.loads(Path(f"{report}.{rank}").read_text())
