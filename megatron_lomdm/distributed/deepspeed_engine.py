@@ -131,6 +131,18 @@ def check_nvme_offload(path: str) -> Path:
     return folder.resolve()
 
 
+def init_deepspeed_comm() -> None:
+    """DeepSpeed's comm layer on the process groups `init_distributed` made (what `deepspeed.initialize`
+    would otherwise start): on CPU without its shared-memory op (cpu_compat shim 5)."""
+    import deepspeed
+
+    if not torch.cuda.is_available():
+        skip_deepspeed_shm_comm()
+    # DeepSpeed asserts LOCAL_RANK, which only torchrun sets; a plain or Slurm launch has its own.
+    os.environ.setdefault("LOCAL_RANK", str(launch_env_from(os.environ).local_rank))
+    deepspeed.init_distributed(dist_init_required=False)
+
+
 def partitioned_build(cfg: Config) -> contextlib.AbstractContextManager[Any]:
     """The context `training.build` constructs the model in: ZeRO-3 partitions each module's
     parameters over the DP group at the end of its `__init__` (DeepSpeed's `zero.Init`), so no rank
@@ -156,8 +168,7 @@ def partitioned_build(cfg: Config) -> contextlib.AbstractContextManager[Any]:
                     p.data = p.data.to(dtype)
             super()._post_init_method(module)
 
-    os.environ.setdefault("LOCAL_RANK", str(launch_env_from(os.environ).local_rank))
-    deepspeed.init_distributed(dist_init_required=False)  # as deepspeed.initialize does, on the existing groups
+    init_deepspeed_comm()
     return _CastThenPartition(data_parallel_group=parallel_state.get_data_parallel_group(), dtype=dtype,
                               mem_efficient_linear=False, tensor_overrides=[])
 
@@ -334,10 +345,7 @@ class DeepSpeedEngine:
         if stage == 3:  # the family's parameters are used in DiffusionLM.forward, not in family.forward
             for p in model.family.parameters():
                 deepspeed.zero.register_external_parameter(step_module, p)
-        if not torch.cuda.is_available():
-            skip_deepspeed_shm_comm()
-        # DeepSpeed asserts LOCAL_RANK, which only torchrun sets; a plain or Slurm launch has its own.
-        os.environ.setdefault("LOCAL_RANK", str(launch_env_from(os.environ).local_rank))
+        init_deepspeed_comm()
         self.ds, _, _, _ = deepspeed.initialize(model=step_module, optimizer=optimizer, config=config,
                                                 mpu=self._mpu, dist_init_required=False)
         self.module = self.ds
