@@ -39,14 +39,17 @@ def layout(tp: int, pp: int, dp: int) -> str:
 
 
 def default_run_name(cfg: Config, *, tp: int, pp: int, dp: int, num_corruptions: int) -> str:
-    """E.g. ``lomdm-c1=0.7-c2=0.65-K2-tp1pp1dp2`` (ZeRO and DeepSpeed appended when used);
-    c1/c2 only for families that read them, K only when above 1."""
+    """E.g. ``lomdm-c1=0.7-c2=0.65-K2-tp1pp1dp2`` (sequence parallelism ``sp``, virtual pipeline
+    stages ``vp<n>``, ZeRO and DeepSpeed appended when used); c1/c2 only for families that read
+    them, K only when above 1."""
     d, par = cfg.diffusion, cfg.parallel
     parts = [d.name]
     parts += [f"c1={d.c1:g}"] if _reads(d.name, "c1") else []
     parts += [f"c2={d.c2:g}"] if _reads(d.name, "c2") else []
     parts += [f"K{num_corruptions}"] if num_corruptions > 1 else []
     parts.append(f"tp{tp}pp{pp}dp{dp}")
+    parts += ["sp"] if par.sequence_parallel else []
+    parts += [f"vp{par.virtual_stages}"] if par.virtual_stages > 1 else []
     parts += [f"zero{par.zero}"] if par.zero else []
     parts += [par.backend] if par.backend != "megatron" else []
     return "-".join(parts)
@@ -66,7 +69,8 @@ def run_tags(cfg: Config, *, tp: int, pp: int, dp: int, num_corruptions: int,
     sha, dirty = git_state()
     return {"family": d.name, "c1": f"{d.c1:g}", "c2": f"{d.c2:g}", "K": str(num_corruptions),
             "layers": str(m.num_layers), "hidden": str(m.hidden_size), "seq_length": str(m.seq_length),
-            "layout": layout(tp, pp, dp), "zero": str(par.zero), "backend": par.backend,
+            "layout": layout(tp, pp, dp), "sequence_parallel": str(par.sequence_parallel).lower(),
+            "virtual_stages": str(par.virtual_stages), "zero": str(par.zero), "backend": par.backend,
             "precision": cfg.train.precision, "git_sha": sha,
             "git_dirty": "unknown" if dirty is None else str(dirty).lower(),
             "data": data_fingerprint[:16], "data_manifest": data_fingerprint}

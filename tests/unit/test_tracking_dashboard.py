@@ -51,6 +51,11 @@ def test_default_run_name_says_what_the_run_is() -> None:
     assert default_run_name(_cfg("mdlm"), tp=2, pp=1, dp=1, num_corruptions=1) == "mdlm-tp2pp1dp1"
     assert default_run_name(_cfg("poly", backend="deepspeed", zero=2), tp=1, pp=1, dp=4,
                             num_corruptions=1) == "poly-c1=0.7-tp1pp1dp4-zero2-deepspeed"
+    # sequence parallelism and interleaved (virtual) pipeline stages are part of the layout
+    assert default_run_name(_cfg("mdlm", tp=2, sequence_parallel=True), tp=2, pp=1, dp=1,
+                            num_corruptions=1) == "mdlm-tp2pp1dp1-sp"
+    assert default_run_name(_cfg("mdlm", pp=2, virtual_stages=2), tp=1, pp=2, dp=1,
+                            num_corruptions=1) == "mdlm-tp1pp2dp1-vp2"
 
 
 def test_run_tags_hold_what_a_comparison_filters_on() -> None:
@@ -60,6 +65,10 @@ def test_run_tags_hold_what_a_comparison_filters_on() -> None:
         "family": "lomdm", "c1": "0.7", "c2": "0.65", "K": "2", "layout": "tp1_pp2_dp1", "zero": "1",
         "backend": "deepspeed", "precision": "bf16"}
     assert tags["data_manifest"] == "ab" * 32 and tags["data"] == "ab" * 8
+    assert (tags["sequence_parallel"], tags["virtual_stages"]) == ("false", "1")
+    sp_vp = run_tags(_cfg("lomdm", tp=2, pp=2, sequence_parallel=True, virtual_stages=2), tp=2, pp=2, dp=1, num_corruptions=2,
+                     data_fingerprint="ab" * 32)
+    assert (sp_vp["sequence_parallel"], sp_vp["virtual_stages"], sp_vp["layout"]) == ("true", "2", "tp2_pp2_dp1")
     assert all(isinstance(v, str) for v in tags.values())
     sha, dirty = git_state()
     assert tags["git_sha"] == sha and tags["git_dirty"] in ("true", "false", "unknown")
