@@ -4,7 +4,7 @@
 
 Runs one torchrun launch (2 gloo ranks, bf16, owt_1b's vocabulary) per mode: `partitioned` (this
 code: `deepspeed_engine.partitioned_build`) and `plain` (the build replaced by a null context, as
-before). Each rank prints its VmHWM / VmRSS before the build, after `build_model` (and after a
+before). Each rank prints the build's and the engine's seconds and its VmHWM / VmRSS before the build, after `build_model` (and after a
 `malloc_trim`, with the parameter bytes it holds), and after the engine is built.
 """
 
@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,14 +52,18 @@ def worker(mode: str, layers: int, hidden: int, nvme: str) -> None:
                  train=TrainConfig(precision="bf16", micro_batch_size=1, global_batch_size=2),
                  parallel=ParallelConfig(backend="deepspeed", zero=3, nvme_offload_dir=nvme))
     out: dict = {"mode": mode, "rank": info.rank, "before": memory()}
+    t0 = time.perf_counter()
     model = build.build_model(cfg, parallel_info())
+    out["build_s"] = time.perf_counter() - t0
     out["after_build"] = memory()
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     out["after_build_trimmed"] = memory()
     out["param_bytes"] = sum(t.numel() * t.element_size() for p in model.parameters()
                              for t in (p.data, getattr(p, "ds_tensor", None)) if t is not None)
+    t0 = time.perf_counter()
     build.build_engine(MicroBatchStep(model), cfg)
+    out["engine_s"] = time.perf_counter() - t0
     out["after_engine"] = memory()
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -83,7 +88,7 @@ def main() -> None:
             sys.exit(f"{mode} failed:\n{proc.stderr[-3000:]}")
         for r in sorted(rows, key=lambda r: r["rank"]):
             gib = {k: round(r[k]["VmHWM"] / 2**30, 2) for k in ("after_build", "after_engine")}
-            print(f"{mode:<12} rank {r['rank']}: params held {r['param_bytes'] / 2**30:.2f} GiB, VmHWM after build "
+            print(f"{mode:<12} rank {r['rank']}: build {r['build_s']:.1f} s, engine {r['engine_s']:.1f} s; params held {r['param_bytes'] / 2**30:.2f} GiB, VmHWM after build "
                   f"{gib['after_build']}, after engine {gib['after_engine']} GiB; VmRSS after build (trimmed) "
                   f"{r['after_build_trimmed']['VmRSS'] / 2**30:.2f} GiB")
 
