@@ -8,8 +8,8 @@ prove that gradients, the optimizer update and (for LoMDM) the masks drawn from 
 every later loss depends on them.
 
 Sequence parallelism (TP2 + SP, LoMDM and MDLM) and interleaved pipeline stages (PP2 x 2 virtual
-stages, a 4-layer LoMDM; also with DP2 and the distributed optimizer) are held to more: the same per-step gradient norms and, after the 4
-steps, the same weights (`_check_weights`); an interleaved run resumed from a one-process
+stages, a 4-layer LoMDM; also with DP2 and the distributed optimizer) are held to more: the same
+per-step gradient norms and, after the 4 steps, the same weights (`_check_weights`); an interleaved run resumed from a one-process
 checkpoint gives the uninterrupted losses (its chunks load megatron's global layer keys).
 
 Also covered: LoMDM with K = 4 corruptions per sequence (`diffusion.num_corruptions=4`) under PP=2

@@ -40,8 +40,9 @@ import torch.distributed.run  # noqa: E402, F401
 for _name in ("megatron_lomdm.distributed.cpu_compat", "megatron_lomdm.distributed.megatron_engine",
               "megatron_lomdm.distributed.deepspeed_engine", "megatron.core.models.gpt.gpt_layer_specs",
               "megatron.core.transformer.attention", "megatron.core.dist_checkpointing.strategies.torch",
-              "torch._dynamo", "functorch.compile", "deepspeed.ops.op_builder.all_ops", "deepspeed.runtime.zero.muon.muon_optimizer",
-              "networkx", "megatron_lomdm.apps.evaluate", "megatron_lomdm.apps.sample", "megatron_lomdm.apps.hf_export"):
+              "torch._dynamo", "functorch.compile", "deepspeed.ops.op_builder.all_ops",
+              "deepspeed.runtime.zero.muon.muon_optimizer", "networkx", "megatron_lomdm.apps.evaluate",
+              "megatron_lomdm.apps.sample", "megatron_lomdm.apps.hf_export"):
     importlib.import_module(_name)
 
 # What the imports built lives as long as any child: frozen, it is skipped by every collection in the

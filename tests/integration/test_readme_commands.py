@@ -74,8 +74,8 @@ SKIP: dict[str, str] = {
     "python bench/gpu.py": "measures MFU on a CUDA GPU",
     "make bench-puzzles": "the Sudoku benchmark, ~20 min wall on the shared 2-core box; not CI (tests/unit/test_bench_puzzles.py "
                           "runs its pieces), results in bench/RESULTS.md",
-    "make bench-scale": "the 1.5B model end to end on CPU (~20 min of phases from a fresh clone, ~20 GB of NVMe-offloaded optimizer "
-                        "state, libaio-dev); not CI (tests/unit/test_nvme_offload.py checks its offload config and "
+    "make bench-scale": "the 1.5B model end to end on CPU (~20 min from a fresh clone, ~20 GB of NVMe-offloaded "
+                        "optimizer state, libaio-dev); not CI (tests/unit/test_nvme_offload.py checks its offload config and "
                         "errors, test_hf_export.py its sharded export), results in bench/RESULTS.md",
     "python tools/dashboard_screenshot.py --run-dir runs/demo_cpu --out docs/img/dashboard.png":
         "rewrites the committed picture (~90 s with Chromium); tests/integration/test_mlflow_dashboard.py renders "

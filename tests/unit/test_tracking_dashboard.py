@@ -66,8 +66,8 @@ def test_run_tags_hold_what_a_comparison_filters_on() -> None:
         "backend": "deepspeed", "precision": "bf16"}
     assert tags["data_manifest"] == "ab" * 32 and tags["data"] == "ab" * 8
     assert (tags["sequence_parallel"], tags["virtual_stages"]) == ("false", "1")
-    sp_vp = run_tags(_cfg("lomdm", tp=2, pp=2, sequence_parallel=True, virtual_stages=2), tp=2, pp=2, dp=1, num_corruptions=2,
-                     data_fingerprint="ab" * 32)
+    sp_vp = run_tags(_cfg("lomdm", tp=2, pp=2, sequence_parallel=True, virtual_stages=2), tp=2, pp=2, dp=1,
+                     num_corruptions=2, data_fingerprint="ab" * 32)
     assert (sp_vp["sequence_parallel"], sp_vp["virtual_stages"], sp_vp["layout"]) == ("true", "2", "tp2_pp2_dp1")
     assert all(isinstance(v, str) for v in tags.values())
     sha, dirty = git_state()
