@@ -11,6 +11,19 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+LONGEST_FIRST = ("test_readme_commands.py", "test_slurm.py", "test_parity_megatron.py", "test_hf_export.py",
+                 "test_parity_deepspeed.py", "test_loop_robustness.py", "test_eval_sample.py", "test_train_cli.py",
+                 "test_mlflow_dashboard.py", "test_mlflow_server.py", "test_run_dir_faults.py", "test_zygote.py")
+"""The suite's longest files, by worker-seconds in a fresh-clone run (README, Development)."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest files first. Under `make test` (pytest-xdist, --dist loadfile) each worker takes whole
+    files in collection order, so a long file collected late would run alone at the end while the
+    other workers idle. The order inside each file, and of all other files, is kept."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
 
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
