@@ -35,8 +35,8 @@ demo: setup
 
 # three workers on the 2-core box, one test file per worker at a time (module fixtures stay shared):
 # part of the suite waits (Slurm scheduling, MLflow and Chromium start-up, torchrun rendezvous), and a
-# third worker fills those waits: 1,559 CPU-s in 15.3 min wall, 85% of both cores (2026-12-03, README
-# Development; four workers: 912 s, no faster); PYTEST_WORKERS=0 runs serially
+# third worker fills those waits: ~1,010 CPU-s in 589 s wall, 86% of both cores (2026-12-04, README
+# Development; four workers: 595 s, no faster); PYTEST_WORKERS=0 runs serially
 PYTEST_WORKERS ?= 3
 test: setup
 	$(PY) -m pytest tests $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
