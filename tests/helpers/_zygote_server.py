@@ -77,8 +77,7 @@ def _method_name(depth: int = 2) -> str:
     """`dynamic_rendezvous.get_method_name` without `inspect.stack()`: that builds source context for
     every frame by searching all of sys.modules, which here holds the whole training stack (a fresh
     torchrun has torch only), so the rendezvous's event records cost ~8 s per launch."""
-    frame = sys._getframe(depth)  # 0: this function, 1: the event recorder, 2: the method it names
-    return frame.f_code.co_name if frame is not None else "no_method_name"
+    return sys._getframe(depth).f_code.co_name  # 0: this function, 1: the event recorder, 2: the method it names
 
 
 def _launch(target: list[str], args: list[str], nproc: int) -> int:
